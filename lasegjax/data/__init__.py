@@ -1,0 +1,1 @@
+"""Reading LA datasets from disk and feeding 2D slices to training and evaluation."""

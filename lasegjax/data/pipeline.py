@@ -1,0 +1,271 @@
+"""From 3D volumes to batches of normalised 2D slices, and from slice predictions back.
+
+Each volume is normalised once, cut into slices along its through-plane axis and
+fitted to the model's input size; the result (`PreparedVolume`) stays in memory and
+records what is needed to map predictions back onto the original voxel grid. Training
+batches come from a grain `MapDataset` over all slices of the training volumes, so
+shuffling and augmentation are deterministic functions of the seed and the element index
+and the iterator state alone is enough to resume.
+"""
+
+import dataclasses
+import logging
+
+import grain
+import numpy as np
+from scipy import ndimage
+
+from lasegjax.data.volume import Volume
+from lasegjax.errors import ConfigError, DataError
+
+FIT_MODES = ("resize", "pad")
+
+
+@dataclasses.dataclass
+class PreparedVolume:
+    """One volume as the model sees it, plus what is needed to undo the preparation.
+
+    Attributes:
+      case_id: Case name.
+      images: float32 (Z, H, W) normalised slices at the model's input size.
+      masks: uint8 (Z, H, W) labels at the model's input size, or None.
+      label: uint8 label on the original (X, Y, Z) grid, or None; metrics use it.
+      slice_axis: Axis of the original array that `images` runs along.
+      slice_shape: In-plane shape (A, B) of an original slice.
+      affine: Voxel-to-world matrix of the original image.
+      image_path: Source file of the image.
+    """
+
+    case_id: str
+    images: np.ndarray
+    masks: np.ndarray | None
+    label: np.ndarray | None
+    slice_axis: int
+    slice_shape: tuple[int, int]
+    affine: np.ndarray
+    image_path: str
+
+    @property
+    def original_shape(self) -> tuple[int, ...]:
+        shape = list(self.slice_shape)
+        shape.insert(self.slice_axis, self.images.shape[0])
+        return tuple(shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def check_image_size(image_size, patch_size: int = 14) -> tuple[int, int]:
+    """Return `image_size` as (height, width), or raise if a side is not a multiple of the patch."""
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    height, width = (int(s) for s in image_size)
+    for side in (height, width):
+        if side <= 0 or side % patch_size:
+            lower = max(patch_size, side // patch_size * patch_size)
+            raise ConfigError(
+                f"data.image_size {height}x{width} is invalid: each side must be a positive "
+                f"multiple of the patch size {patch_size} (for example {lower} or "
+                f"{lower + patch_size})"
+            )
+    return height, width
+
+
+def through_plane_axis(volume: Volume, slice_axis: int | str) -> int:
+    """Return the axis to slice along: the given one, or with "auto" the coarsest-spaced axis.
+
+    Ties (isotropic voxels) resolve to the last axis, the slice axis of most MRI exports.
+    """
+    if slice_axis == "auto":
+        spacing = np.asarray(volume.spacing)
+        coarsest = np.flatnonzero(np.isclose(spacing, spacing.max(), rtol=1e-3))
+        return int(coarsest[-1])
+    axis = int(slice_axis)
+    if not -3 <= axis <= 2:
+        raise ConfigError(f"data.slice_axis {slice_axis!r} is invalid: use 0, 1, 2, -1 or 'auto'")
+    return axis % 3
+
+
+def normalize_intensity(image: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
+    """Clip to the volume's percentiles, then z-score over the whole volume."""
+    low, high = np.percentile(image, percentiles)
+    clipped = np.clip(image, low, high)
+    std = clipped.std()
+    return ((clipped - clipped.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+
+
+def resize_stack(stack: np.ndarray, size: tuple[int, int], order: int = 1) -> np.ndarray:
+    """Resize the last two axes of (Z, A, B) to `size` with spline interpolation of `order`."""
+    if stack.shape[1:] == tuple(size):
+        return stack
+    zoom = (1.0, size[0] / stack.shape[1], size[1] / stack.shape[2])
+    out = ndimage.zoom(stack, zoom, order=order, mode="nearest", grid_mode=True)
+    assert out.shape[1:] == tuple(size), (out.shape, size)
+    return out
+
+
+def pad_or_crop_stack(stack: np.ndarray, size: tuple[int, int], value: float = 0.0):
+    """Centre (Z, A, B) in a (Z, H, W) canvas, padding with `value` or cropping as needed."""
+    out = np.full((stack.shape[0], *size), value, dtype=stack.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for have, want in zip(stack.shape[1:], size, strict=True):
+        if have >= want:
+            start = (have - want) // 2
+            src.append(slice(start, start + want))
+            dst.append(slice(None))
+        else:
+            start = (want - have) // 2
+            src.append(slice(None))
+            dst.append(slice(start, start + have))
+    out[tuple(dst)] = stack[tuple(src)]
+    return out
+
+
+def fit_stack(stack: np.ndarray, size, mode: str, is_mask: bool) -> np.ndarray:
+    """Bring a (Z, A, B) stack to the model's input size by resizing or padding."""
+    if mode == "resize":
+        if is_mask:
+            resized = resize_stack(stack.astype(np.float32), size, order=1)
+            return (resized > 0.5).astype(np.uint8)
+        return resize_stack(stack, size, order=1)
+    if mode == "pad":
+        fill = 0 if is_mask else float(stack.min())
+        return pad_or_crop_stack(stack, size, fill)
+    raise ConfigError(f"data.fit {mode!r} is invalid: use one of {FIT_MODES}")
+
+
+def unfit_stack(stack: np.ndarray, slice_shape, mode: str) -> np.ndarray:
+    """Map a (Z, H, W) float stack at model size back to the (Z, A, B) original slices."""
+    if mode == "resize":
+        return resize_stack(stack, tuple(slice_shape), order=1)
+    return pad_or_crop_stack(stack, tuple(slice_shape), value=float(stack.min()))
+
+
+def prepare_volume(volume: Volume, data_config) -> PreparedVolume:
+    """Normalise, slice and fit one volume as configured in the `data` config section."""
+    size = check_image_size(data_config.image_size)
+    axis = through_plane_axis(volume, data_config.slice_axis)
+    if volume.image.ndim != 3:
+        raise DataError(f"{volume.image_path}: expected a 3D image, got shape {volume.image.shape}")
+    image = normalize_intensity(volume.image, tuple(data_config.clip_percentiles))
+    stack = np.moveaxis(image, axis, 0)
+    masks = label = None
+    if volume.mask is not None:
+        label = (volume.mask > 0).astype(np.uint8)
+        masks = fit_stack(np.moveaxis(label, axis, 0), size, data_config.fit, is_mask=True)
+    return PreparedVolume(
+        case_id=volume.case_id,
+        images=np.ascontiguousarray(fit_stack(stack, size, data_config.fit, is_mask=False)),
+        masks=None if masks is None else np.ascontiguousarray(masks),
+        label=label,
+        slice_axis=axis,
+        slice_shape=tuple(stack.shape[1:]),
+        affine=np.asarray(volume.affine, dtype=np.float64),
+        image_path=volume.image_path,
+    )
+
+
+def restore_volume(probabilities: np.ndarray, prepared: PreparedVolume, fit: str) -> np.ndarray:
+    """Map (Z, H, W) slice probabilities back onto the original voxel grid as (X, Y, Z)."""
+    restored = unfit_stack(probabilities.astype(np.float32), prepared.slice_shape, fit)
+    return np.moveaxis(restored, 0, prepared.slice_axis)
+
+
+def split_cases(case_ids: list[str], val_fraction: float, num_val: int, seed: int):
+    """Split case ids into (train, validation) by volume, never by slice."""
+    if len(case_ids) < 2:
+        raise DataError(
+            f"found {len(case_ids)} case(s); at least 2 are needed to hold out a validation "
+            "volume. Add cases or point data.root at a larger dataset"
+        )
+    count = num_val or max(1, int(round(len(case_ids) * val_fraction)))
+    count = min(count, len(case_ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(case_ids))
+    val = sorted(case_ids[i] for i in order[:count])
+    train = sorted(case_ids[i] for i in order[count:])
+    return train, val
+
+
+class SliceSource:
+    """Random access to every (image, mask) slice of a list of prepared volumes."""
+
+    def __init__(self, volumes: list[PreparedVolume]):
+        self._volumes = volumes
+        self._index = [(v, z) for v, vol in enumerate(volumes) for z in range(len(vol.images))]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> dict:
+        volume_index, z = self._index[index]
+        volume = self._volumes[volume_index]
+        return {"image": volume.images[z], "mask": volume.masks[z]}
+
+
+def augment_slice(example: dict, rng: np.random.Generator, aug_config) -> dict:
+    """Apply a random flip, rotation, scaling and intensity change to one slice."""
+    image = example["image"].astype(np.float32)
+    mask = example["mask"].astype(np.float32)
+    if aug_config.flip:
+        for axis in (0, 1):
+            if rng.random() < 0.5:
+                image, mask = np.flip(image, axis), np.flip(mask, axis)
+    angle = np.deg2rad(rng.uniform(-aug_config.rotate_deg, aug_config.rotate_deg))
+    scale = np.exp(rng.uniform(-np.log1p(aug_config.scale), np.log1p(aug_config.scale)))
+    if angle or scale != 1.0:
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        matrix = np.array([[cos, -sin], [sin, cos]])
+        center = (np.array(image.shape) - 1) / 2.0
+        offset = center - matrix @ center
+        image = ndimage.affine_transform(image, matrix, offset, order=1, mode="nearest")
+        mask = ndimage.affine_transform(mask, matrix, offset, order=1, mode="constant")
+    if aug_config.intensity:
+        strength = aug_config.intensity
+        image = image * np.exp(rng.uniform(-strength, strength)) + rng.uniform(-strength, strength)
+        image = image + rng.normal(0.0, strength / 2, image.shape).astype(np.float32)
+    return {
+        "image": np.ascontiguousarray(image[..., None], dtype=np.float32),
+        "mask": np.ascontiguousarray((mask > 0.5)[..., None], dtype=np.float32),
+    }
+
+
+def _as_example(example: dict) -> dict:
+    return {
+        "image": example["image"][..., None].astype(np.float32),
+        "mask": example["mask"][..., None].astype(np.float32),
+    }
+
+
+def train_dataset(volumes: list[PreparedVolume], data_config, batch_size: int, seed: int):
+    """Return an endless, shuffled, augmented grain `IterDataset` of training batches.
+
+    Each batch is a dict with "image" and "mask", both float32 (batch_size, H, W, 1). Every
+    epoch is reshuffled and re-augmented with seeds derived from `seed` and the epoch.
+    """
+    source = SliceSource(volumes)
+    if len(source) < batch_size:
+        raise ConfigError(
+            f"train.batch_size {batch_size} exceeds the {len(source)} training slices; "
+            "lower the batch size or add volumes"
+        )
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed)
+    aug = data_config.augment
+    if aug.enabled:
+        dataset = dataset.random_map(
+            lambda example, rng: augment_slice(example, rng, aug), seed=seed + 1
+        )
+    else:
+        dataset = dataset.map(_as_example)
+    dataset = dataset.batch(batch_size, drop_remainder=True).repeat()
+    read_options = grain.ReadOptions(
+        num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch
+    )
+    logging.info(
+        "Training data: %d slices from %d volumes, %d batches of %d per epoch.",
+        len(source),
+        len(volumes),
+        len(source) // batch_size,
+        batch_size,
+    )
+    return dataset.to_iter_dataset(read_options)

@@ -1,0 +1,193 @@
+"""Tests of the encoder, fusion, decoder and full segmenter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lasegjax.config import base_config
+from lasegjax.model.decoder import UNetDecoder, stage_sizes
+from lasegjax.model.encoder import VIT_SIZES, DinoV2Encoder, default_taps
+from lasegjax.model.fusion import BlockFusion
+from lasegjax.model.segmenter import build_model
+
+
+def encoder_for(size: str, depth: int | None = None, **kwargs) -> DinoV2Encoder:
+    spec = VIT_SIZES[size]
+    return DinoV2Encoder(
+        width=spec.width,
+        depth=depth or spec.depth,
+        num_heads=spec.num_heads,
+        mlp_hidden=spec.mlp_hidden,
+        mlp=spec.mlp,
+        **kwargs,
+    )
+
+
+def count(tree) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def abstract_params(module, shape):
+    images = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), images)["params"]
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large", "giant"])
+def test_encoder_output_shapes_every_size(size):
+    encoder = encoder_for(size, depth=2, taps=(0, 1))
+    outputs = jax.eval_shape(
+        lambda: encoder.init_with_output(jax.random.PRNGKey(0), jnp.zeros((2, 28, 42, 3)))[0]
+    )
+    assert len(outputs) == 2
+    for out in outputs:
+        assert out.shape == (2, 2, 3, VIT_SIZES[size].width)
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large", "giant"])
+def test_segmenter_logit_shape_every_size(size):
+    config = base_config()
+    config.model.encoder.size = size
+    config.model.encoder.depth = 2
+    model = build_model(config.model)
+    logits = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((2, 56, 84, 1)))[0]
+    )
+    assert logits.shape == (2, 56, 84, 1)
+
+
+def test_encoder_small_parameter_count():
+    # DINOv2 ViT-S/14 as published: 22.1 M, position embedding for 37x37 + 1 tokens and
+    # the mask token included.
+    params = abstract_params(encoder_for("small"), (1, 224, 224, 3))
+    assert count(params) == 22_056_576
+
+
+def test_encoder_base_parameter_count():
+    params = abstract_params(encoder_for("base"), (1, 224, 224, 3))
+    assert count(params) == 86_580_480
+
+
+def test_encoder_giant_uses_swiglu_hidden_4096():
+    params = abstract_params(encoder_for("giant", depth=1), (1, 28, 28, 3))
+    assert params["blocks_0"]["mlp"]["w12"]["kernel"].shape == (1536, 2 * 4096)
+    assert params["blocks_0"]["mlp"]["w3"]["kernel"].shape == (4096, 1536)
+
+
+def test_encoder_register_tokens_shape():
+    params = abstract_params(encoder_for("small", depth=1, num_registers=4), (1, 28, 28, 3))
+    assert params["register_tokens"].shape == (1, 4, 384)
+
+
+def test_encoder_registers_do_not_change_output_grid():
+    encoder = encoder_for("tiny", num_registers=4, taps=(3,))
+    outputs, _ = encoder.init_with_output(jax.random.PRNGKey(0), jnp.ones((1, 42, 56, 3)))
+    assert outputs[0].shape == (1, 3, 4, 96)
+
+
+def test_encoder_rejects_size_not_multiple_of_patch():
+    encoder = encoder_for("tiny")
+    with pytest.raises(ValueError, match="100x112 is not a multiple of the patch size 14"):
+        encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 100, 112, 3)))
+
+
+def test_default_taps_evenly_spaced_last_included():
+    assert default_taps(12) == (2, 5, 8, 11)
+    assert default_taps(40) == (9, 19, 29, 39)
+
+
+def test_encoder_creates_params_for_blocks_after_last_tap():
+    params = abstract_params(encoder_for("tiny", taps=(1,)), (1, 28, 28, 3))
+    assert "blocks_3" in params
+
+
+def test_fusion_weights_equal_at_init_and_sum_to_one():
+    fusion = BlockFusion("learned")
+    features = [jnp.full((1, 2, 2, 4), float(i)) for i in range(4)]
+    variables = fusion.init(jax.random.PRNGKey(0), features)
+    weights = jax.nn.softmax(variables["params"]["logits"])
+    np.testing.assert_allclose(weights, np.full(4, 0.25))
+    assert float(weights.sum()) == pytest.approx(1.0)
+
+
+def test_fusion_weights_receive_gradients():
+    fusion = BlockFusion("learned")
+    features = [jnp.full((1, 2, 2, 4), float(i)) for i in range(4)]
+    variables = fusion.init(jax.random.PRNGKey(0), features)
+    grads = jax.grad(lambda v: fusion.apply(v, features).sum())(variables)
+    assert np.all(np.abs(np.asarray(grads["params"]["logits"])) > 0)
+
+
+def test_fusion_learned_output_is_weighted_mean_at_init():
+    features = [jnp.full((1, 2, 2, 4), float(i)) for i in range(4)]
+    fusion = BlockFusion("learned")
+    out, _ = fusion.init_with_output(jax.random.PRNGKey(0), features)
+    np.testing.assert_allclose(out, np.full((1, 2, 2, 4), 1.5), rtol=1e-6)
+
+
+def test_fusion_last_block_has_no_params():
+    features = [jnp.full((1, 2, 2, 4), float(i)) for i in range(3)]
+    out, variables = BlockFusion("last_block").init_with_output(jax.random.PRNGKey(0), features)
+    assert not variables
+    np.testing.assert_array_equal(out, features[-1])
+
+
+def test_fusion_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="'max' is not one of"):
+        BlockFusion("max").init(jax.random.PRNGKey(0), [jnp.zeros((1, 1, 1, 1))])
+
+
+def test_decoder_stage_sizes_448():
+    assert stage_sizes((32, 32), (448, 448), 4) == [(64, 64), (128, 128), (256, 256), (448, 448)]
+
+
+def decoder_stage_inputs(image_integration: bool, images):
+    decoder = UNetDecoder(channels=(8, 8, 8), image_integration=image_integration)
+    features = jnp.ones((1, 4, 4, 16))
+    variables = decoder.init(jax.random.PRNGKey(0), features, images)
+    _, state = decoder.apply(variables, features, images, mutable=["intermediates"])
+    return state["intermediates"]
+
+
+def test_decoder_image_integration_adds_image_channel():
+    images = jnp.ones((1, 56, 56, 1))
+    with_image = decoder_stage_inputs(True, images)
+    without = decoder_stage_inputs(False, images)
+    assert with_image["stage0_input"][0].shape[-1] == without["stage0_input"][0].shape[-1] + 1
+
+
+def test_decoder_image_integration_feeds_image_to_every_stage():
+    images = jax.random.normal(jax.random.PRNGKey(1), (1, 56, 56, 1))
+    inputs = decoder_stage_inputs(True, images)
+    np.testing.assert_allclose(inputs["stage2_input"][0][..., -1], images[..., 0], rtol=1e-6)
+
+
+def test_decoder_output_depends_on_image_with_integration():
+    decoder = UNetDecoder(channels=(8, 8), image_integration=True)
+    features = jnp.ones((1, 4, 4, 16))
+    image_a = jnp.zeros((1, 56, 56, 1))
+    image_b = jax.random.normal(jax.random.PRNGKey(2), (1, 56, 56, 1))
+    variables = decoder.init(jax.random.PRNGKey(0), features, image_a)
+    out_a = decoder.apply(variables, features, image_a)
+    out_b = decoder.apply(variables, features, image_b)
+    assert float(jnp.abs(out_a - out_b).max()) > 0
+
+
+def test_decoder_output_ignores_image_without_integration():
+    decoder = UNetDecoder(channels=(8, 8), image_integration=False)
+    features = jnp.ones((1, 4, 4, 16))
+    image_a = jnp.zeros((1, 56, 56, 1))
+    image_b = jax.random.normal(jax.random.PRNGKey(2), (1, 56, 56, 1))
+    variables = decoder.init(jax.random.PRNGKey(0), features, image_a)
+    np.testing.assert_array_equal(
+        decoder.apply(variables, features, image_a), decoder.apply(variables, features, image_b)
+    )
+
+
+def test_segmenter_bfloat16_returns_float32_logits():
+    config = base_config()
+    config.model.encoder.size = "tiny"
+    config.model.decoder.channels = (8, 8)
+    model = build_model(config.model, dtype=jnp.bfloat16)
+    logits, _ = model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    assert logits.dtype == jnp.float32
