@@ -10,12 +10,12 @@ import logging
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import nibabel as nib
 import numpy as np
 
-from lasegjax.data.pipeline import PreparedVolume, restore_volume
+from lasegjax import sharding
+from lasegjax.data.pipeline import PreparedVolume, restore_volume, slice_windows
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,31 +39,44 @@ def overlap_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, floa
     }
 
 
-def make_predict_fn(model):
-    """Return a jitted (params, images) -> sigmoid probabilities function; it donates nothing."""
+def make_predict_fn(model, mesh=None):
+    """Return a jitted (params, images) -> sigmoid probabilities function; it donates nothing.
 
-    @jax.jit
+    With a mesh, the images are split over its data axis and the parameters replicated.
+    """
+
     def predict(params, images):
         logits = model.apply({"params": params}, images)
         return jax.nn.sigmoid(logits[..., 0])
 
-    return predict
+    if mesh is None:
+        return jax.jit(predict)
+    return jax.jit(
+        predict,
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
 
 
-def predict_slices(predict_fn, params, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Return (Z, H, W) probabilities for (Z, H, W) slices, in fixed-size batches.
+def predict_slices(
+    predict_fn, params, images: np.ndarray, batch_size: int, context: int = 0
+) -> np.ndarray:
+    """Return (Z, H, W) probabilities for a volume's (Z, H, W) slices, in fixed-size batches.
+
+    Each slice is fed with `context` neighbours on each side as extra channels.
 
     The last batch is padded to `batch_size` so that one compiled program serves every
     volume.
     """
     outputs = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
+        indices = np.arange(start, min(start + batch_size, len(images)))
+        chunk = slice_windows(images, indices, context)
         count = len(chunk)
         if count < batch_size:
             pad = np.zeros((batch_size - count, *chunk.shape[1:]), chunk.dtype)
             chunk = np.concatenate([chunk, pad])
-        probs = predict_fn(params, jnp.asarray(chunk[..., None]))
+        probs = predict_fn(params, chunk)
         outputs.append(np.asarray(probs)[:count])
     return np.concatenate(outputs)
 
@@ -110,7 +123,9 @@ def _panel_rows(prepared: PreparedVolume, probabilities: np.ndarray, threshold: 
     with_atrium = np.flatnonzero(prepared.masks.reshape(len(prepared.masks), -1).any(axis=1))
     if not len(with_atrium):
         return []
-    picks = with_atrium[np.linspace(0, len(with_atrium) - 1, count).round().astype(int)]
+    # Spread over the middle of the atrium; its first and last slices hold only slivers.
+    positions = np.linspace(0.3, 0.7, count) if count > 1 else np.array([0.5])
+    picks = with_atrium[(positions * (len(with_atrium) - 1)).round().astype(int)]
     return [
         (
             f"{prepared.case_id} z={z}",
@@ -141,7 +156,9 @@ def evaluate_volumes(
     rows, panel = [], []
     threshold = config.eval.threshold
     for prepared in volumes:
-        probabilities = predict_slices(predict_fn, params, prepared.images, config.eval.batch_size)
+        probabilities = predict_slices(
+            predict_fn, params, prepared.images, config.eval.batch_size, config.data.context_slices
+        )
         restored = restore_volume(probabilities, prepared, config.data.fit)
         prediction = (restored > threshold).astype(np.uint8)
         row = {"case": prepared.case_id}

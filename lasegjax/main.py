@@ -25,7 +25,10 @@ def main(argv):
     del argv
     from pathlib import Path
 
+    from lasegjax.sharding import use_cpu_devices
     from lasegjax.train import train_and_evaluate
+
+    use_cpu_devices(_CONFIG.value.cpu_devices)
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_file.split(":")[0]).stem)

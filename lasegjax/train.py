@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lasegjax import checkpointing, estimates
+from lasegjax import checkpointing, estimates, sharding
 from lasegjax.data.datasets import load_datasets
 from lasegjax.data.pipeline import check_image_size, train_dataset
 from lasegjax.errors import ConfigError, LasegError
@@ -54,7 +54,8 @@ def compute_dtype(config):
 def init_params(model, config, rng):
     """Initialise parameters for the configured input size."""
     height, width = check_image_size(config.data.image_size, config.model.encoder.patch_size)
-    sample = jnp.zeros((1, height, width, 1), jnp.float32)
+    channels = 2 * config.data.context_slices + 1
+    sample = jnp.zeros((1, height, width, channels), jnp.float32)
     return jax.jit(model.init)(rng, sample)["params"]
 
 
@@ -62,9 +63,9 @@ def load_encoder_checkpoint(config, params):
     """Replace the encoder's parameters by converted DINOv2 weights, if a checkpoint is set.
 
     The checkpoint comes from `python -m weights_conversion.to_flax`. Its size and register
-    count must match `model.encoder`, and the config's position-embedding resize must be the
-    one the checkpoint recorded (`apply_checkpoint_recipe` sets it); otherwise this
-    raises CheckpointError or ConfigError.
+    count must match `model.encoder` (else CheckpointError). The config's position-embedding
+    resize must be the one the checkpoint recorded, which `apply_checkpoint_recipe` sets
+    (else ConfigError).
     """
     path = config.model.encoder.checkpoint
     if not path:
@@ -90,8 +91,12 @@ def create_train_state(config, model, rng):
     return state, tx, labels
 
 
-def make_train_step(model, tx, labels, config):
-    """Return the jitted train step; the input state's buffers are donated to the output."""
+def make_train_step(model, tx, labels, config, mesh):
+    """Return the jitted train step; the input state's buffers are donated to the output.
+
+    The batch is split over the mesh's data axis and the state is replicated, so XLA
+    averages the gradients across devices.
+    """
     train_config = config.train
     schedule = learning_rate_schedule(train_config)
 
@@ -123,7 +128,13 @@ def make_train_step(model, tx, labels, config):
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    state_sharding = sharding.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, state_sharding),
+        donate_argnums=(0,),
+    )
 
 
 def save_resolved_config(config, workdir: Path) -> None:
@@ -144,9 +155,10 @@ def save_resolved_config(config, workdir: Path) -> None:
 def _log_step(step, metrics, progress, writer, fusion_taps):
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     line, rate = progress.line(step, {k: scalars[k] for k in ("loss", "learning_rate")})
-    fusion = [scalars[k] for k in sorted(scalars) if k.startswith("fusion_weight_")]
-    if fusion:
-        line += " | fusion " + " ".join(f"b{b}:{w:.3f}" for b, w in zip(fusion_taps, fusion))
+    if "fusion_weight_0" in scalars:
+        weights = (scalars[f"fusion_weight_{i}"] for i in range(len(fusion_taps)))
+        shown = (f"b{tap}:{w:.3f}" for tap, w in zip(fusion_taps, weights, strict=True))
+        line += " | fusion " + " ".join(shown)
     logging.info(line)
     writer.write(
         step, {f"train/{k}": v for k, v in scalars.items()} | {"train/steps_per_second": rate}
@@ -191,13 +203,18 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         jax.device_count(),
     )
 
+    jax.config.update("jax_default_prng_impl", config.prng_impl)
     dtype = compute_dtype(config)
     model = build_model(config.model, dtype)
     estimates.log_estimate(config, model)
     train_volumes, val_volumes = load_datasets(config, workdir)
 
+    mesh = sharding.make_mesh()
+    sharding.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
+    sharding.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
     rng = jax.random.PRNGKey(config.seed)
     state, tx, labels = create_train_state(config, model, rng)
+    state = jax.device_put(state, sharding.replicated(mesh))
     data_iter = iter(
         train_dataset(train_volumes, config.data, config.train.batch_size, seed=config.seed)
     )
@@ -207,8 +224,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         state = checkpointing.restore(manager, latest, state, data_iter)
         logging.info("Resumed from the checkpoint at step %d in %s.", latest, manager.directory)
 
-    train_step = make_train_step(model, tx, labels, config)
-    predict_fn = make_predict_fn(model)
+    train_step = make_train_step(model, tx, labels, config, mesh)
+    predict_fn = make_predict_fn(model, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
     writer = ScalarWriter(workdir)
     num_steps = config.train.num_steps
     stop_at = config.train.get("stop_at_step", 0) or num_steps
@@ -222,7 +240,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     step = start_step
     try:
         while step < min(num_steps, stop_at):
-            batch = next(data_iter)
+            batch = jax.device_put(next(data_iter), batch_sharding)
             state, metrics = train_step(state, batch)
             step += 1
             if step % config.train.log_every == 0 or step == num_steps or step == start_step + 1:

@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 
 from lasegjax.config import base_config
+from lasegjax.sharding import use_cpu_devices
+
+# Two CPU devices, so every training test also runs the batch-sharded step.
+use_cpu_devices(2)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "real"
@@ -53,3 +57,18 @@ def tiny_config(root="", image_size=(56, 56)):
     config.train.checkpoint_every = 3
     config.eval.batch_size = 8
     return config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Share compiled XLA programs between tests that build the same model.
+
+    Compiling a train step takes tens of seconds on a 2-core CPU, and many tests build the
+    same small model.
+    """
+    import jax
+
+    jax.config.update("jax_default_prng_impl", "rbg")
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -121,8 +121,10 @@ def test_split_cases_rejects_single_case():
 
 
 def test_augment_slice_deterministic_for_seed():
-    example = {"image": np.random.default_rng(0).normal(size=(28, 28)).astype(np.float32),
-               "mask": np.zeros((28, 28), np.uint8)}
+    example = {
+        "image": np.random.default_rng(0).normal(size=(28, 28)).astype(np.float32),
+        "mask": np.zeros((28, 28), np.uint8),
+    }
     aug = base_config().data.augment
     a = augment_slice(example, np.random.default_rng(5), aug)
     b = augment_slice(example, np.random.default_rng(5), aug)

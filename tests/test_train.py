@@ -10,9 +10,9 @@ import pytest
 
 from lasegjax import checkpointing
 from lasegjax.errors import ConfigError, DataError
+from lasegjax.model.segmenter import build_model
 from lasegjax.optim import label_params
 from lasegjax.train import create_train_state, train_and_evaluate
-from lasegjax.model.segmenter import build_model
 from tests.conftest import REPO, tiny_config
 
 
@@ -162,9 +162,18 @@ def test_train_rejects_unknown_dtype(tmp_path):
 def test_main_missing_root_prints_one_line_error(tmp_path):
     missing = tmp_path / "no_such_folder"
     result = subprocess.run(
-        [sys.executable, "-m", "lasegjax.main", "--config=configs/demo.py",
-         f"--workdir={tmp_path / 'run'}", f"--config.data.root={missing}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lasegjax.main",
+            "--config=configs/demo.py",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config.data.root={missing}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]

@@ -187,11 +187,28 @@ def split_cases(case_ids: list[str], val_fraction: float, num_val: int, seed: in
     return train, val
 
 
-class SliceSource:
-    """Random access to every (image, mask) slice of a list of prepared volumes."""
+def slice_windows(images: np.ndarray, indices, context: int) -> np.ndarray:
+    """Return (N, H, W, 2 * context + 1) stacks of each slice with its neighbours.
 
-    def __init__(self, volumes: list[PreparedVolume]):
+    Channel `context` is the slice itself; neighbours past either end of the volume
+    repeat the end slice. With context 0 this is the slice with a channel axis.
+    """
+    indices = np.asarray(indices)
+    offsets = np.arange(-context, context + 1)
+    neighbours = np.clip(indices[:, None] + offsets[None, :], 0, len(images) - 1)
+    return np.moveaxis(images[neighbours], 1, -1)
+
+
+class SliceSource:
+    """Random access to every (image, mask) slice of a list of prepared volumes.
+
+    Each image is (H, W, 2 * context + 1): the slice and `context` neighbours on each side
+    along the through-plane axis, which gives a 2D model some 3D context.
+    """
+
+    def __init__(self, volumes: list[PreparedVolume], context: int = 0):
         self._volumes = volumes
+        self._context = context
         self._index = [(v, z) for v, vol in enumerate(volumes) for z in range(len(vol.images))]
 
     def __len__(self) -> int:
@@ -200,12 +217,15 @@ class SliceSource:
     def __getitem__(self, index: int) -> dict:
         volume_index, z = self._index[index]
         volume = self._volumes[volume_index]
-        return {"image": volume.images[z], "mask": volume.masks[z]}
+        image = slice_windows(volume.images, [z], self._context)[0]
+        return {"image": image, "mask": volume.masks[z]}
 
 
 def augment_slice(example: dict, rng: np.random.Generator, aug_config) -> dict:
-    """Apply a random flip, rotation, scaling and intensity change to one slice."""
+    """Apply a random flip, rotation, scaling and intensity change to one (H, W, C) slice."""
     image = example["image"].astype(np.float32)
+    if image.ndim == 2:
+        image = image[..., None]
     mask = example["mask"].astype(np.float32)
     if aug_config.flip:
         for axis in (0, 1):
@@ -216,23 +236,30 @@ def augment_slice(example: dict, rng: np.random.Generator, aug_config) -> dict:
     if angle or scale != 1.0:
         cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
         matrix = np.array([[cos, -sin], [sin, cos]])
-        center = (np.array(image.shape) - 1) / 2.0
+        center = (np.array(mask.shape) - 1) / 2.0
         offset = center - matrix @ center
-        image = ndimage.affine_transform(image, matrix, offset, order=1, mode="nearest")
+        image = np.stack(
+            [
+                ndimage.affine_transform(image[..., c], matrix, offset, order=1, mode="nearest")
+                for c in range(image.shape[-1])
+            ],
+            axis=-1,
+        )
         mask = ndimage.affine_transform(mask, matrix, offset, order=1, mode="constant")
     if aug_config.intensity:
         strength = aug_config.intensity
         image = image * np.exp(rng.uniform(-strength, strength)) + rng.uniform(-strength, strength)
         image = image + rng.normal(0.0, strength / 2, image.shape).astype(np.float32)
     return {
-        "image": np.ascontiguousarray(image[..., None], dtype=np.float32),
+        "image": np.ascontiguousarray(image, dtype=np.float32),
         "mask": np.ascontiguousarray((mask > 0.5)[..., None], dtype=np.float32),
     }
 
 
 def _as_example(example: dict) -> dict:
+    image = example["image"].astype(np.float32)
     return {
-        "image": example["image"][..., None].astype(np.float32),
+        "image": image if image.ndim == 3 else image[..., None],
         "mask": example["mask"][..., None].astype(np.float32),
     }
 
@@ -240,10 +267,11 @@ def _as_example(example: dict) -> dict:
 def train_dataset(volumes: list[PreparedVolume], data_config, batch_size: int, seed: int):
     """Return an endless, shuffled, augmented grain `IterDataset` of training batches.
 
-    Each batch is a dict with "image" and "mask", both float32 (batch_size, H, W, 1). Every
+    Each batch is a dict with float32 "image" (batch_size, H, W, 2 * data.context_slices + 1)
+    and "mask" (batch_size, H, W, 1). Every
     epoch is reshuffled and re-augmented with seeds derived from `seed` and the epoch.
     """
-    source = SliceSource(volumes)
+    source = SliceSource(volumes, data_config.context_slices)
     if len(source) < batch_size:
         raise ConfigError(
             f"train.batch_size {batch_size} exceeds the {len(source)} training slices; "

@@ -11,21 +11,33 @@ from lasegjax.model.fusion import BlockFusion
 
 
 class Segmenter(nn.Module):
-    """Segment (B, H, W, 1) grayscale slices into (B, H, W, 1) LA logits.
-
-    The encoder sees the grayscale slice repeated over its input channels; the decoder
-    sees the grayscale slice itself.
-    """
+    """Segment 2D slices into one-channel LA logits."""
 
     encoder: DinoV2Encoder
     fusion: BlockFusion
     decoder: UNetDecoder
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        rgb = jnp.repeat(images, self.encoder.in_channels, axis=-1)
-        features = self.encoder(rgb)
+        """Return (B, H, W, 1) logits for (B, H, W, C) slices.
+
+        C is 1 (a grayscale slice, repeated for the encoder) or the encoder's input
+        channel count (a slice with its neighbours, the slice itself in the middle). The
+        decoder sees only the middle channel.
+        """
+        channels = images.shape[-1]
+        if channels == 1:
+            encoder_input = jnp.repeat(images, self.encoder.in_channels, axis=-1)
+        elif channels == self.encoder.in_channels:
+            encoder_input = images
+        else:
+            raise ValueError(
+                f"input has {channels} channels; expected 1 or {self.encoder.in_channels} "
+                "(set data.context_slices to 0 or 1)"
+            )
+        features = self.encoder(encoder_input)
         fused = self.fusion(features)
-        return self.decoder(fused, images)
+        middle = channels // 2
+        return self.decoder(fused, images[..., middle : middle + 1])
 
 
 def build_model(model_config: ml_collections.ConfigDict, dtype=jnp.float32) -> Segmenter:
