@@ -28,12 +28,12 @@ def get_config():
     config.model.encoder.num_taps = 4
     config.model.decoder.channels = (64, 32, 16, 8)
     config.train.batch_size = 8
-    config.train.num_steps = 1500
+    config.train.num_steps = 1800
     config.train.learning_rate = 2e-3
     config.train.warmup_steps = 50
     config.train.dice_weight = 1.0
     config.train.log_every = 25
-    config.train.eval_every = 500
+    config.train.eval_every = 900
     config.train.checkpoint_every = 250
     config.eval.batch_size = 44
     return config

@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval = ev = ml_collections.ConfigDict()
     ev.batch_size = 32
     ev.threshold = 0.5
+    ev.largest_component = True  # keep only the largest connected component of each 3D mask
     ev.num_panel_slices = 4
     ev.save_predictions = True
     return config

@@ -1,8 +1,8 @@
 """The converted-encoder checkpoint: an orbax checkpoint with `params` and `metadata` items.
 
-`params` holds the Flax parameters of `DinoV2Encoder` (no `encoder/` prefix), saved
-without compression: compressing buffers a second copy of every array, and DINOv2
-weights barely compress. `metadata` is JSON with the architecture (`spec.EncoderSpec`),
+`params` contains the Flax parameters of `DinoV2Encoder` (no `encoder/` prefix), saved
+without compression, because with compression orbax 0.12 keeps a second copy of the
+arrays while it saves, and float weights barely compress. `metadata` is JSON with the architecture (`spec.EncoderSpec`),
 the source file and layout, and the position-embedding resize recipe of the source, so
 that training and export use the resize the weights were trained with.
 """
@@ -18,7 +18,6 @@ import orbax.checkpoint as ocp
 
 from lasegjax.errors import CheckpointError, ConfigError
 from weights_conversion.spec import (
-    INTERPOLATIONS,
     EncoderSpec,
     Interpolation,
     check_spec_against_config,
@@ -40,12 +39,16 @@ def save_converted(out: str | Path, flat_params: dict, metadata: dict, force: bo
     """Write `flat_params` ({"a/b": array}) and `metadata` as a converted checkpoint at `out`."""
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()) and not force:
-        raise CheckpointError(f"--out {out} already exists and is not empty; remove it or pass --force")
+        raise CheckpointError(
+            f"--out {out} already exists and is not empty; remove it or pass --force"
+        )
     tree = flax.traverse_util.unflatten_dict(flat_params, sep="/")
     metadata = {"format_version": FORMAT_VERSION, **metadata}
     _checkpointer().save(
         out,
-        args=ocp.args.Composite(params=ocp.args.PyTreeSave(tree), metadata=ocp.args.JsonSave(metadata)),
+        args=ocp.args.Composite(
+            params=ocp.args.PyTreeSave(tree), metadata=ocp.args.JsonSave(metadata)
+        ),
         force=force,
     )
     return out
@@ -70,7 +73,9 @@ def read_metadata(path: str | Path) -> tuple[EncoderSpec, Interpolation, dict]:
             "create one with `python -m weights_conversion.to_flax --src FILE --out DIR`"
         )
     try:
-        restored = _checkpointer().restore(path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        restored = _checkpointer().restore(
+            path, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+        )
     except (ValueError, OSError, KeyError) as err:
         raise CheckpointError(f"could not read the metadata of {path}: {err}") from err
     metadata = dict(restored.metadata)
@@ -93,11 +98,15 @@ def restore_params(path: str | Path, spec: EncoderSpec, depth: int | None = None
         jax.ShapeDtypeStruct((1, spec.patch_size, spec.patch_size, spec.in_channels), np.float32),
     )["params"]
     flat = flax.traverse_util.flatten_dict(abstract, sep="/")
+
     if depth is not None:
         kept_blocks = {f"blocks_{i}" for i in range(depth)}
         flat = {
-            k: v for k, v in flat.items() if not k.startswith("blocks_") or k.split("/")[0] in kept_blocks
+            k: v
+            for k, v in flat.items()
+            if not k.startswith("blocks_") or k.split("/")[0] in kept_blocks
         }
+
     target = flax.traverse_util.unflatten_dict(flat, sep="/")
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
@@ -114,6 +123,7 @@ def restore_params(path: str | Path, spec: EncoderSpec, depth: int | None = None
             f"could not restore the parameters of {path}: {err}. The checkpoint is incomplete "
             "or corrupt; convert the source checkpoint again"
         ) from err
+
     params = flax.traverse_util.flatten_dict(restored.params, sep="/")
     for key, value in flat.items():
         if key not in params or tuple(params[key].shape) != tuple(value.shape):
@@ -137,10 +147,8 @@ def apply_checkpoint_recipe(config) -> None:
         return
     spec, interpolation, _ = read_metadata(encoder.checkpoint)
     check_spec_against_config(spec, encoder, f"checkpoint {encoder.checkpoint}")
-    if (encoder.interpolate_offset, encoder.interpolate_antialias) != (
-        interpolation.offset,
-        interpolation.antialias,
-    ):
+    configured = (encoder.interpolate_offset, encoder.interpolate_antialias)
+    if configured != (interpolation.offset, interpolation.antialias):
         logging.info(
             "Using the position-embedding resize of %s (offset %s, antialias %s) recorded in "
             "%s, in place of the config's offset %s, antialias %s.",
@@ -165,16 +173,13 @@ def load_encoder_params(config, params: dict) -> dict:
     path = encoder.checkpoint
     spec, interpolation, _ = read_metadata(path)
     check_spec_against_config(spec, encoder, f"checkpoint {path}")
-    if (encoder.interpolate_offset, encoder.interpolate_antialias) != (
-        interpolation.offset,
-        interpolation.antialias,
-    ):
-        recipe = INTERPOLATIONS[interpolation.recipe] if interpolation.recipe in INTERPOLATIONS else interpolation
+    configured = (encoder.interpolate_offset, encoder.interpolate_antialias)
+    if configured != (interpolation.offset, interpolation.antialias):
         raise ConfigError(
-            f"model.encoder.interpolate_offset={encoder.interpolate_offset} and "
-            f"interpolate_antialias={encoder.interpolate_antialias}, but {path} was converted "
-            f"from a {recipe.recipe} source that resizes position embeddings with offset "
-            f"{recipe.offset} and antialias {recipe.antialias}. Call "
+            f"model.encoder.interpolate_offset={configured[0]} and "
+            f"interpolate_antialias={configured[1]}, but {path} was converted from a "
+            f"{interpolation.recipe} source that resizes position embeddings with offset "
+            f"{interpolation.offset} and antialias {interpolation.antialias}. Call "
             "weights_conversion.checkpoint.apply_checkpoint_recipe(config) before build_model, "
             "or set those two fields"
         )
@@ -183,8 +188,9 @@ def load_encoder_params(config, params: dict) -> dict:
     loaded = restore_params(path, spec, depth)
     if set(loaded) != set(current):
         raise CheckpointError(
-            f"{path} holds parameters {sorted(set(loaded) - set(current))[:5]} that the model lacks "
-            f"and lacks {sorted(set(current) - set(loaded))[:5]}; check model.encoder in the config"
+            f"{path} contains parameters {sorted(set(loaded) - set(current))[:5]} that the "
+            f"model lacks, and is missing {sorted(set(current) - set(loaded))[:5]}; check "
+            "model.encoder in the config"
         )
     for key, value in current.items():
         if tuple(loaded[key].shape) != tuple(value.shape):

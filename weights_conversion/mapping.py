@@ -238,6 +238,29 @@ def encoder_rules(layout: str, depth: int, mlp: str, num_registers: int) -> list
     return rules
 
 
+def _segmenter_tables() -> tuple[list[_Row], list[_Row]]:
+    """Return the fusion and decoder rows: those outside the stages, and one stage's."""
+    root = [
+        (("fusion.logits",), "fusion/logits", IDENTITY, "learned"),
+        (("decoder.input_proj.weight",), "decoder/input_proj/kernel", CONV, None),
+        (("decoder.input_proj.bias",), "decoder/input_proj/bias", IDENTITY, None),
+        (("decoder.head.weight",), "decoder/head/kernel", CONV, None),
+        (("decoder.head.bias",), "decoder/head/bias", IDENTITY, None),
+    ]
+    stage = []
+    for conv in range(2):
+        stage += [
+            (
+                (f"decoder.stage{{i}}.conv{conv}.weight",),
+                f"decoder/stage{{i}}/conv{conv}/kernel",
+                CONV,
+                None,
+            ),
+            *_norm_rows(f"decoder.stage{{i}}.norm{conv}", f"decoder/stage{{i}}/norm{conv}"),
+        ]
+    return root, stage
+
+
 def segmenter_rules(
     depth: int, mlp: str, num_registers: int, fusion: str, num_stages: int
 ) -> list[Rule]:
@@ -246,51 +269,38 @@ def segmenter_rules(
     PyTorch keys are those of `torch_model.TorchSegmenter`: `encoder.` plus a torch-hub
     key, `fusion.logits`, and the decoder's modules under their Flax names.
     """
-    rows = _torch_hub_table()
+    encoder_root, encoder_block = _torch_hub_table()
     conditions = {mlp} | ({"registers"} if num_registers else set())
     prefix = ("encoder.", "encoder/")
-    rules = _expand(rows[0], conditions, prefix=prefix)
+    rules = _expand(encoder_root, conditions, prefix=prefix)
     for index in range(depth):
-        rules += _expand(rows[1], conditions, index, prefix=prefix)
-    if fusion == "learned":
-        rules.append(Rule(("fusion.logits",), "fusion/logits", IDENTITY))
-    rules += [
-        Rule(("decoder.input_proj.weight",), "decoder/input_proj/kernel", CONV),
-        Rule(("decoder.input_proj.bias",), "decoder/input_proj/bias", IDENTITY),
-    ]
-    for stage in range(num_stages):
-        for conv in range(2):
-            name = f"stage{stage}.conv{conv}"
-            path = f"decoder/stage{stage}/conv{conv}/kernel"
-            rules.append(Rule((f"decoder.{name}.weight",), path, CONV))
-            norm = f"stage{stage}.norm{conv}"
-            rules.append(Rule((f"decoder.{norm}.weight",), f"decoder/stage{stage}/norm{conv}/scale", IDENTITY))
-            rules.append(Rule((f"decoder.{norm}.bias",), f"decoder/stage{stage}/norm{conv}/bias", IDENTITY))
-    rules += [
-        Rule(("decoder.head.weight",), "decoder/head/kernel", CONV),
-        Rule(("decoder.head.bias",), "decoder/head/bias", IDENTITY),
-    ]
+        rules += _expand(encoder_block, conditions, index, prefix=prefix)
+
+    root, stage = _segmenter_tables()
+    rules += _expand(root, {fusion})
+    for index in range(num_stages):
+        rules += _expand(stage, set(), index)
     return rules
 
 
 def _list_keys(keys: Iterable[str], limit: int = 8) -> str:
     keys = sorted(keys)
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+    listed = ", ".join(repr(k) for k in keys[:limit])
+    return listed + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def check_rules(
     rules: list[Rule],
     source_shapes: Mapping[str, tuple[int, ...]],
     flax_shapes: Mapping[str, tuple[int, ...]],
-    what: str,
+    source_name: str,
 ) -> None:
     """Raise CheckpointError unless the source keys and shapes are exactly those the rules need.
 
     Args:
       source_shapes: Shape of every tensor in the PyTorch checkpoint, by key.
       flax_shapes: Shape of every Flax parameter, by `/`-separated path.
-      what: The checkpoint's name for messages.
+      source_name: The checkpoint's name in messages.
     """
     targets = {rule.target for rule in rules}
     if targets != set(flax_shapes):
@@ -304,13 +314,13 @@ def check_rules(
     unexpected = set(source_shapes) - needed
     if missing:
         raise CheckpointError(
-            f"{what} lacks {len(missing)} tensor(s) that the model needs: "
+            f"{source_name} is missing {len(missing)} tensor(s) that the model needs: "
             f"{_list_keys(missing)}. The file is incomplete or is not the DINOv2 "
             "variant its other tensors suggest; convert the complete backbone state dict"
         )
     if unexpected:
         raise CheckpointError(
-            f"{what} has {len(unexpected)} tensor(s) that no Flax parameter takes: "
+            f"{source_name} has {len(unexpected)} tensor(s) that no Flax parameter takes: "
             f"{_list_keys(unexpected)}. Remove heads or other extra modules so that only "
             "the DINOv2 backbone remains, then convert again"
         )
@@ -320,7 +330,7 @@ def check_rules(
             actual = tuple(source_shapes[key])
             if actual != tuple(shape):
                 raise CheckpointError(
-                    f"{what}: tensor {key!r} has shape {actual}, but Flax parameter "
+                    f"{source_name}: tensor {key!r} has shape {actual}, but Flax parameter "
                     f"{rule.target!r} of shape {tuple(flax_shapes[rule.target])} needs "
                     f"{tuple(shape)}. The checkpoint is corrupt or belongs to another "
                     "architecture; check the file and the --config"
@@ -346,7 +356,9 @@ def to_flax_params(
     return flat
 
 
-def to_torch_state(rules: list[Rule], flat_params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def to_torch_state(
+    rules: list[Rule], flat_params: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Run the rules backwards and return {PyTorch key: contiguous array}.
 
     Raises CheckpointError if a Flax parameter is missing or no rule takes it.
@@ -361,7 +373,7 @@ def to_torch_state(rules: list[Rule], flat_params: Mapping[str, np.ndarray]) -> 
     for rule in rules:
         if rule.target not in flat_params:
             raise CheckpointError(
-                f"the Flax parameters lack {rule.target!r}, which PyTorch key(s) "
+                f"the Flax parameters are missing {rule.target!r}, which PyTorch key(s) "
                 f"{list(rule.sources)} need; the checkpoint does not match its recorded "
                 "architecture"
             )

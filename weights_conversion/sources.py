@@ -1,8 +1,8 @@
 """Readers for DINOv2 checkpoints: torch-hub `.pth` files and Hugging Face folders.
 
-Every reader lists keys, shapes and dtypes before any tensor data is converted, and hands
-out each tensor once as a float32 NumPy array, dropping its own reference, so converting
-a checkpoint holds about one copy of the weights in memory rather than two.
+Every reader lists keys, shapes and dtypes before any tensor data is converted. It then
+hands out each tensor once, as a float32 NumPy array, and drops its own reference, so
+converting a checkpoint keeps about one copy of the weights in memory rather than two.
 
 safetensors files are read with plain file reads at the offsets in their header instead
 of a memory map, because pages of a mapped file stay in the process's resident set until
@@ -59,7 +59,9 @@ def open_safetensors(path: Path) -> TensorFile:
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({err})") from err
+            raise CheckpointError(
+                f"{path}: the safetensors header is not valid JSON ({err})"
+            ) from err
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     shapes, dtypes, entries = {}, {}, {}
@@ -185,8 +187,9 @@ def detect_layout(keys, path) -> str:
         return "hf_legacy"
     if "cls_token" in keys:
         return "torch_hub"
-    if any(k.startswith(("dinov2.", "backbone.", "module.", "model.")) for k in keys):
-        prefix = sorted(keys)[0].split(".")[0]
+    wrapped = sorted(k for k in keys if k.startswith(("dinov2.", "backbone.", "module.", "model.")))
+    if wrapped:
+        prefix = wrapped[0].split(".")[0] + "."
         raise CheckpointError(
             f"{path}: keys start with {prefix!r}. Save the backbone's own state dict (without "
             "the wrapper's prefix) and convert that file"
@@ -221,7 +224,9 @@ def open_source(path: str | os.PathLike) -> SourceCheckpoint:
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.exists():
-            raise CheckpointError(f"{path} is a folder without config.json; pass a Hugging Face model folder or a weight file")
+            raise CheckpointError(
+                f"{path} is a folder without config.json; pass a Hugging Face model folder or a weight file"
+            )
         hf_config = json.loads(config_path.read_text())
         files = [open_weight_file(p) for p in _hf_files(path)]
     else:

@@ -1,9 +1,9 @@
 """Architecture and position-embedding resize recipe of a DINOv2 checkpoint.
 
-A DINOv2 state dict does not store its number of attention heads or how its source code
-resizes the 37x37 position-embedding grid, so both are derived here: the heads from the
-width (one published size per width), the resize recipe from the checkpoint's layout and
-register tokens.
+A DINOv2 state dict stores neither its number of attention heads nor how its source code
+resizes the 37x37 position-embedding grid, so both are derived here. The heads follow
+from the width (one published size per width). The resize recipe follows from the
+checkpoint's layout and register tokens.
 """
 
 import dataclasses
@@ -36,7 +36,7 @@ class Interpolation:
 #   huggingface: transformers' Dinov2Model (5.x), which passes the target size.
 #   huggingface_registers: transformers' Dinov2WithRegistersModel, size and antialias.
 # NOTE: transformers releases before the end of 2024 computed Dinov2Model's resize from a
-# scale factor with the 0.1 offset; features computed with those releases at sizes other
+# scale factor with the 0.1 offset. Features that those releases computed at sizes other
 # than 518 px match `--interpolation torch_hub` instead.
 INTERPOLATIONS = {
     "torch_hub": Interpolation("torch_hub", 0.1, False),
@@ -157,10 +157,10 @@ def spec_from_shapes(
     )
 
 
-def check_spec_against_config(spec: EncoderSpec, encoder_config, what: str) -> None:
+def check_spec_against_config(spec: EncoderSpec, encoder_config, source_name: str) -> None:
     """Raise CheckpointError if `spec` cannot be loaded by the `model.encoder` config section.
 
-    The config may ask for fewer blocks than the checkpoint holds (the encoder is then
+    The config may ask for fewer blocks than the checkpoint contains (the encoder is then
     truncated), but not for more.
     """
     problems = []
@@ -181,7 +181,7 @@ def check_spec_against_config(spec: EncoderSpec, encoder_config, what: str) -> N
         problems.append(f"{spec.depth} blocks (config: {depth})")
     if problems:
         raise CheckpointError(
-            f"{what} does not match the config: it has " + ", ".join(problems) + ". Set "
+            f"{source_name} does not match the config: it has " + ", ".join(problems) + ". Set "
             f"--config.model.encoder.size={spec.size} "
             f"--config.model.encoder.num_registers={spec.num_registers} (and depth 0 or at "
             f"most {spec.depth}), or convert the checkpoint that the config describes"

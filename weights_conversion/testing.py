@@ -36,8 +36,11 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def hub_model(size: str, depth: int | None = None, seed: int = 0) -> torch.nn.Module:
-    """Return the official DINOv2 ViT of `size` (torch-hub layout) with random weights."""
+def hub_model(size: str, depth: int | None = None, seed: int = 0, img_size: int = 518):
+    """Return the official DINOv2 ViT of `size` (torch-hub layout) with random weights.
+
+    `img_size` sets the stored position-embedding grid (518 px: 37x37, as published).
+    """
     from dinov2.layers import MemEffAttention
     from dinov2.layers import NestedTensorBlock as Block
     from dinov2.models.vision_transformer import DinoVisionTransformer
@@ -47,7 +50,7 @@ def hub_model(size: str, depth: int | None = None, seed: int = 0) -> torch.nn.Mo
     # `randomize_` overwrites anyway, takes seconds for the larger sizes.
     with torch.device("meta"):
         model = DinoVisionTransformer(
-            img_size=518,
+            img_size=img_size,
             patch_size=14,
             embed_dim=vit.width,
             depth=depth or vit.depth,
@@ -90,11 +93,24 @@ def hf_model(size: str, depth: int | None = None, num_registers: int = 0, seed: 
 
 
 def hub_features(model, images: torch.Tensor, taps) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Return (normed patch tokens of each tapped block, final normed patch tokens)."""
-    with torch.no_grad():
-        tapped = model.get_intermediate_layers(images, n=list(taps), norm=True)
-        final = model.forward_features(images)["x_norm_patchtokens"]
-    return list(tapped), final
+    """Return (normed patch tokens of each tapped block, final normed patch tokens).
+
+    One `forward_features` pass, with the tapped blocks' outputs captured by hooks and put
+    through the final norm, as `get_intermediate_layers(norm=True)` does.
+    """
+    captured = {}
+    hooks = [
+        model.blocks[i].register_forward_hook(lambda _, __, out, i=i: captured.__setitem__(i, out))
+        for i in taps
+    ]
+    try:
+        with torch.no_grad():
+            final = model.forward_features(images)["x_norm_patchtokens"]
+            tapped = [model.norm(captured[i])[:, 1:] for i in taps]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tapped, final
 
 
 def hf_features(model, images: torch.Tensor, taps) -> tuple[list[torch.Tensor], torch.Tensor]:

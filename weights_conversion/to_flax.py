@@ -38,9 +38,9 @@ from weights_conversion.spec import (
     spec_from_shapes,
 )
 
-# Keys that reveal the architecture, per layout: class token, position embedding, patch
-# embedding weight, register tokens, a block's first LayerNorm (with `{i}`), and the MLP
-# input weight of block 0 for each MLP kind (SwiGLU's width is that of one half).
+# Keys whose shapes give the architecture, per layout. `block` matches a block's first
+# LayerNorm. `gelu` and `swiglu` are block 0's MLP input weight, and the SwiGLU entry
+# also gives the number of halves its output is split into.
 _PROBE_KEYS = {
     "torch_hub": dict(
         cls="cls_token",
@@ -78,13 +78,20 @@ def infer_spec(source: SourceCheckpoint) -> EncoderSpec:
     probe = _PROBE_KEYS[source.layout]
     for name in ("cls", "pos", "patch"):
         if probe[name] not in shapes:
-            raise CheckpointError(f"{source.path} lacks {probe[name]!r}, which every DINOv2 checkpoint has")
+            raise CheckpointError(
+                f"{source.path} is missing {probe[name]!r}, which every DINOv2 checkpoint has"
+            )
+
     width = shapes[probe["cls"]][-1]
     pattern = re.compile(probe["block"])
     indices = {int(m.group(1)) for key in shapes if (m := pattern.fullmatch(key))}
     if not indices:
-        raise CheckpointError(f"{source.path} has no transformer blocks (no key like {probe['block']!r})")
+        raise CheckpointError(
+            f"{source.path} has no transformer blocks (no key like {probe['block']!r}); "
+            "pass a DINOv2 backbone checkpoint"
+        )
     depth = max(indices) + 1
+
     swiglu_key, halves = probe["swiglu"]
     if probe["gelu"] in shapes:
         mlp, mlp_hidden = "gelu", shapes[probe["gelu"]][0]
@@ -92,8 +99,10 @@ def infer_spec(source: SourceCheckpoint) -> EncoderSpec:
         mlp, mlp_hidden = "swiglu", shapes[swiglu_key][0] // halves
     else:
         raise CheckpointError(
-            f"{source.path}: block 0 has no MLP input weight ({probe['gelu']!r} or {swiglu_key!r})"
+            f"{source.path}: block 0 has no MLP input weight ({probe['gelu']!r} or "
+            f"{swiglu_key!r}); pass a complete DINOv2 backbone checkpoint"
         )
+
     registers = shapes[probe["registers"]][1] if probe["registers"] in shapes else 0
     spec = spec_from_shapes(
         width, depth, mlp, mlp_hidden, shapes[probe["patch"]], shapes[probe["pos"]][1], registers
@@ -122,7 +131,7 @@ def check_hf_config(hf_config: dict, spec: EncoderSpec, path) -> None:
         )
     if not is_registers and spec.num_registers:
         raise CheckpointError(
-            f"{path} holds {spec.num_registers} register tokens but config.json says "
+            f"{path} contains {spec.num_registers} register tokens but config.json says "
             "model_type 'dinov2', which has none; fix config.json"
         )
     for field, value in expected.items():
@@ -137,13 +146,17 @@ def check_hf_config(hf_config: dict, spec: EncoderSpec, path) -> None:
 
 def flax_shapes(spec: EncoderSpec) -> dict[str, tuple[int, ...]]:
     """Return {Flax path: shape} of the encoder parameters for `spec`."""
-    dummy = jax.ShapeDtypeStruct((1, spec.patch_size, spec.patch_size, spec.in_channels), jnp.float32)
+    dummy = jax.ShapeDtypeStruct(
+        (1, spec.patch_size, spec.patch_size, spec.in_channels), jnp.float32
+    )
     abstract = jax.eval_shape(spec.flax_module().init, jax.random.PRNGKey(0), dummy)["params"]
-    return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract, sep="/").items()}
+    return {
+        k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract, sep="/").items()
+    }
 
 
 def _store(array: np.ndarray) -> jax.Array:
-    # orbax saves host-resident jax.Arrays without an extra copy, unlike NumPy arrays.
+    # orbax 0.12 saves jax.Arrays on the CPU without an extra copy, but copies NumPy arrays.
     return jnp.asarray(array, dtype=jnp.float32)
 
 
@@ -162,9 +175,9 @@ def convert_to_flax(
     """
     source = open_source(src)
     spec = infer_spec(source)
-    what = f"--src {source.path}"
+    source_name = f"--src {source.path}"
     if config is not None:
-        check_spec_against_config(spec, config.model.encoder, what)
+        check_spec_against_config(spec, config.model.encoder, source_name)
     if interpolation == "auto":
         recipe = default_interpolation(source.format, spec.num_registers)
     elif interpolation in INTERPOLATIONS:
@@ -174,7 +187,7 @@ def convert_to_flax(
             f"--interpolation={interpolation} is invalid; use auto or one of {list(INTERPOLATIONS)}"
         )
     rules = encoder_rules(source.layout, spec.depth, spec.mlp, spec.num_registers)
-    check_rules(rules, source.shapes, flax_shapes(spec), what)
+    check_rules(rules, source.shapes, flax_shapes(spec), source_name)
     dtypes = sorted(set(source.dtypes.values()))
     flat = to_flax_params(rules, source.read, store=_store)
     metadata = {
@@ -197,10 +210,14 @@ def convert_to_flax(
 
 def define_flags() -> None:
     """Define the command-line flags; only when run as a program, so imports define none."""
-    flags.DEFINE_string("src", None, "torch-hub .pth, .safetensors/.bin file, or Hugging Face folder.")
+    flags.DEFINE_string(
+        "src", None, "torch-hub .pth, .safetensors/.bin file, or Hugging Face folder."
+    )
     flags.DEFINE_string("out", None, "Folder to write the orbax checkpoint to.")
     config_flags.DEFINE_config_file(
-        "config", None, "Optional config file (configs/*.py) whose model.encoder the weights must fit."
+        "config",
+        None,
+        "Optional config file (configs/*.py) whose model.encoder the weights must fit.",
     )
     flags.DEFINE_enum(
         "interpolation",
@@ -215,6 +232,10 @@ def define_flags() -> None:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # orbax logs each step of a save or restore through absl, and warnings about the
+    # read-only manager that export opens; jax logs its backend search.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     values = flags.FLAGS
     start = time.perf_counter()
     try:

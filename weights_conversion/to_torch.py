@@ -13,9 +13,9 @@ folder gets:
   segmenter.pth         (workdir only) state dict of `torch_model.TorchSegmenter`
   segmenter.json        (workdir only) its architecture; `torch_model.load_exported` reads both
 
-The Hugging Face and torch-hub model code resize the position embedding each in their own
-way, so at input sizes other than the stored grid (518 px) their features differ slightly
-from the Flax model's unless the source used the same recipe. `TorchSegmenter` and
+The Hugging Face and torch-hub model code each resize the position embedding in their own
+way. At input sizes other than the stored grid (518 px), their features therefore differ
+slightly from the Flax model's, unless the source used the same recipe. `TorchSegmenter` and
 `torch_model.DinoV2` use the recorded recipe and match the Flax model at every size.
 """
 
@@ -34,7 +34,6 @@ import torch
 from absl import app, flags
 
 from lasegjax.errors import CheckpointError, LasegError
-from lasegjax.model.encoder import VIT_SIZES
 from lasegjax.model.segmenter import build_model
 from weights_conversion.checkpoint import is_converted_checkpoint, read_metadata, restore_params
 from weights_conversion.mapping import encoder_rules, segmenter_rules, to_torch_state
@@ -105,7 +104,9 @@ def export_encoder(
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = DTYPES[dtype]
     hub_rules = encoder_rules("torch_hub", spec.depth, spec.mlp, spec.num_registers)
-    torch.save(_tensors(to_torch_state(hub_rules, flat_params), torch_dtype), out / "dinov2_torch_hub.pth")
+    torch.save(
+        _tensors(to_torch_state(hub_rules, flat_params), torch_dtype), out / "dinov2_torch_hub.pth"
+    )
 
     hf_dir = out / "dinov2_hf"
     hf_dir.mkdir(exist_ok=True)
@@ -163,33 +164,38 @@ def read_workdir_config(workdir: Path) -> ml_collections.ConfigDict:
         raise CheckpointError(f"could not read the training config {path}: {err}") from err
 
 
-def restore_trained_params(workdir: Path, model, config, step: int | None = None) -> tuple[int, dict]:
+def restore_trained_params(
+    workdir: Path, model, config, step: int | None = None
+) -> tuple[int, dict]:
     """Restore only `params` of the TrainState saved in `workdir/checkpoints`; return (step, params)."""
     directory = (workdir / "checkpoints").absolute()
-    manager = ocp.CheckpointManager(
-        directory, item_names=("state",), options=ocp.CheckpointManagerOptions(read_only=True)
-    )
-    steps = manager.all_steps()
-    if not steps:
-        raise CheckpointError(f"{directory} holds no checkpoint; train first or pass another --checkpoint")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise CheckpointError(f"{directory} has no step {step}; available steps: {sorted(steps)}")
     height, width = config.data.image_size
     abstract = jax.eval_shape(
         model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, height, width, 1), jnp.float32)
     )["params"]
+    # A partial restore reads the parameters and skips optimizer state and data iterator.
     item = {"params": abstract}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    manager = ocp.CheckpointManager(
+        directory, item_names=("state",), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-            ),
-        )
+        steps = manager.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"{directory} contains no checkpoint; train first or pass another --checkpoint"
+            )
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise CheckpointError(
+                f"{directory} has no step {step}; available steps: {sorted(steps)}"
+            )
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
     except (ValueError, KeyError, OSError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(
             f"could not restore the parameters at step {step} of {directory}: {err}. The "
             "checkpoint does not match workdir/config.json or is incomplete"
@@ -218,6 +224,7 @@ def segmenter_architecture(config, model) -> dict:
             "taps": list(encoder.taps),
             "norm_taps": encoder.norm_taps,
         },
+        "input_channels": 2 * config.data.get("context_slices", 0) + 1,
         "fusion": config.model.fusion,
         "decoder": {
             "channels": list(config.model.decoder.channels),
@@ -247,12 +254,18 @@ def export_workdir(workdir: Path, out: Path, step=None, hf_naming="legacy", dtyp
         pos_grid=encoder.pos_grid,
     )
     interpolation = interpolation_of(encoder.interpolate_offset, encoder.interpolate_antialias)
-    encoder_flat = {k.removeprefix("encoder/"): v for k, v in flat.items() if k.startswith("encoder/")}
+    encoder_flat = {
+        k.removeprefix("encoder/"): v for k, v in flat.items() if k.startswith("encoder/")
+    }
     export_encoder(encoder_flat, spec, interpolation, out, hf_naming, dtype)
 
     architecture = segmenter_architecture(config, model)
     rules = segmenter_rules(
-        spec.depth, spec.mlp, spec.num_registers, config.model.fusion, len(config.model.decoder.channels)
+        spec.depth,
+        spec.mlp,
+        spec.num_registers,
+        config.model.fusion,
+        len(config.model.decoder.channels),
     )
     state = _tensors(to_torch_state(rules, flat), DTYPES[dtype])
     torch.save(state, out / "segmenter.pth")
@@ -261,8 +274,10 @@ def export_workdir(workdir: Path, out: Path, step=None, hf_naming="legacy", dtyp
     return step
 
 
-def export(checkpoint: str | Path, out: str | Path, step=None, hf_naming="legacy", dtype="float32") -> str:
-    """Export a training workdir or a converted encoder; return what was exported, in words."""
+def export(
+    checkpoint: str | Path, out: str | Path, step=None, hf_naming="legacy", dtype="float32"
+) -> str:
+    """Export a training workdir or a converted encoder; return a description of the export."""
     checkpoint, out = Path(checkpoint), Path(out)
     if hf_naming not in ("legacy", "current"):
         raise CheckpointError(f"--hf_naming={hf_naming} is invalid; use legacy or current")
@@ -286,7 +301,9 @@ def export(checkpoint: str | Path, out: str | Path, step=None, hf_naming="legacy
 def define_flags() -> None:
     """Define the command-line flags; only when run as a program, so imports define none."""
     flags.DEFINE_string(
-        "checkpoint", None, "Training workdir, its checkpoints/ folder, or a converted-encoder folder."
+        "checkpoint",
+        None,
+        "Training workdir, its checkpoints/ folder, or a converted-encoder folder.",
     )
     flags.DEFINE_string("out", None, "Folder to write the PyTorch files to.")
     flags.DEFINE_integer("step", None, "Training step to export; default: the latest.")
@@ -304,12 +321,18 @@ def define_flags() -> None:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # orbax logs each step of a save or restore through absl, and warnings about the
+    # read-only manager that export opens; jax logs its backend search.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     values = flags.FLAGS
     try:
-        what = export(values.checkpoint, values.out, values.step, values.hf_naming, values.dtype)
+        exported = export(
+            values.checkpoint, values.out, values.step, values.hf_naming, values.dtype
+        )
     except LasegError as err:
         sys.exit(f"error: {err}")
-    logging.info("Exported %s to %s.", what, Path(values.out).absolute())
+    logging.info("Exported %s to %s.", exported, Path(values.out).absolute())
 
 
 if __name__ == "__main__":

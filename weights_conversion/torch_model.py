@@ -2,8 +2,8 @@
 
 `DinoV2` takes a torch-hub DINOv2 state dict as it is (`blocks.N.attn.qkv`, ...) and
 resizes its position embedding with the recipe recorded at conversion. `TorchSegmenter`
-computes what `lasegjax.model.segmenter.Segmenter` computes, in NCHW layout: (B, 1, H, W)
-grayscale slices in, (B, 1, H, W) logits out. Its state-dict keys are those of
+computes what `lasegjax.model.segmenter.Segmenter` computes, in NCHW layout: (B, C, H, W)
+slices in, (B, 1, H, W) logits out. Its state-dict keys are those of
 `mapping.segmenter_rules`, so `to_torch` fills it through the same table as the encoder.
 
 Resizes in the decoder call `F.interpolate(mode="bilinear", align_corners=False,
@@ -135,9 +135,7 @@ class DinoV2(nn.Module):
         if num_registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, width))
         self.patch_embed = PatchEmbed(in_channels, width, patch_size)
-        self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_hidden, mlp) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_hidden, mlp) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
 
     def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -227,7 +225,13 @@ class ConvBlock(nn.Module):
 class UNetDecoder(nn.Module):
     """Staged upsampling with the resized image concatenated at each stage (see the Flax one)."""
 
-    def __init__(self, in_features: int, channels: tuple[int, ...], image_integration: bool, image_channels: int = 1):
+    def __init__(
+        self,
+        in_features: int,
+        channels: tuple[int, ...],
+        image_integration: bool,
+        image_channels: int = 1,
+    ):
         super().__init__()
         self.channels = tuple(channels)
         self.image_integration = image_integration
@@ -251,11 +255,16 @@ class UNetDecoder(nn.Module):
 
 
 class TorchSegmenter(nn.Module):
-    """The lasegjax segmenter in PyTorch: (B, 1, H, W) slices to (B, 1, H, W) logits.
+    """The lasegjax segmenter in PyTorch: (B, C, H, W) slices to (B, 1, H, W) logits.
+
+    C is 1 (a grayscale slice, repeated for the encoder) or the encoder's input channel
+    count: a slice between its neighbours, for models trained with
+    `data.context_slices=1`. `architecture["input_channels"]` records what the model was
+    trained with. The decoder receives only the middle channel.
 
     Args:
       architecture: The dictionary that `to_torch` writes as `segmenter.json`
-        (keys `encoder`, `fusion`, `decoder`).
+        (keys `encoder`, `fusion`, `decoder`, `input_channels`).
     """
 
     def __init__(self, architecture: dict):
@@ -269,8 +278,16 @@ class TorchSegmenter(nn.Module):
         self.decoder = UNetDecoder(enc["width"], tuple(dec["channels"]), dec["image_integration"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        rgb = images.repeat(1, self.in_channels, 1, 1)
-        return self.decoder(self.fusion(self.encoder(rgb)), images)
+        channels = images.shape[1]
+        if channels == 1:
+            encoder_input = images.repeat(1, self.in_channels, 1, 1)
+        elif channels == self.in_channels:
+            encoder_input = images
+        else:
+            raise ValueError(f"input has {channels} channels; expected 1 or {self.in_channels}")
+        middle = channels // 2
+        features = self.fusion(self.encoder(encoder_input))
+        return self.decoder(features, images[:, middle : middle + 1])
 
 
 def load_exported(folder: str | Path, map_location="cpu") -> TorchSegmenter:
@@ -291,6 +308,8 @@ def load_exported_encoder(folder: str | Path, map_location="cpu", **kwargs) -> D
     folder = Path(folder)
     description = json.loads((folder / "encoder.json").read_text())
     model = DinoV2(**description["dinov2_kwargs"], **kwargs)
-    state = torch.load(folder / "dinov2_torch_hub.pth", map_location=map_location, weights_only=True)
+    state = torch.load(
+        folder / "dinov2_torch_hub.pth", map_location=map_location, weights_only=True
+    )
     model.load_state_dict(state, strict=True)
     return model.eval()
