@@ -1,4 +1,4 @@
-"""A small model that trains on a laptop CPU in minutes.
+"""A small model that trains on a 2-core CPU in about 15 minutes.
 
 Without data.root it trains on a synthetic phantom set written into the workdir:
 

@@ -1,8 +1,8 @@
 """Device mesh and shardings: the batch is split over all devices, the state replicated.
 
-On a CPU-only machine each core can be exposed as its own XLA device, which runs the
-per-device parts of a data-parallel step on separate threads; one XLA CPU device uses
-about one core for this model's small convolutions.
+On a CPU-only machine each core can be exposed as its own XLA device, so the per-device
+parts of a data-parallel step run on separate threads. A single XLA CPU device used about
+one core for this model's small convolutions (jax 0.10.2, 2-core machine).
 """
 
 import os

@@ -33,7 +33,7 @@ def la_h5_root() -> Path:
 
 
 def tiny_config(root="", image_size=(56, 56)):
-    """Return a config for a 2-block, 32-wide encoder and a 3-stage decoder on small slices."""
+    """Return a config for a 2-block, 96-wide encoder and a 3-stage decoder on small slices."""
     config = base_config()
     config.data.root = str(root)
     config.data.image_size = image_size

@@ -177,5 +177,6 @@ def test_main_missing_root_prints_one_line_error(tmp_path):
     )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and str(missing) in last
+    assert last.startswith("error: ")
+    assert str(missing) in last
     assert "Traceback" not in result.stderr
