@@ -1,6 +1,6 @@
 """Exceptions raised on invalid user input.
 
-Each message names the file, key or value at fault and says what to do, so the command
+Each message names the file, key or value at fault and states what to do next, so the command
 line can print it as a single line without a traceback.
 """
 

@@ -79,9 +79,9 @@ class Progress:
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_step, self._last_time = step, now
         eta = (self._num_steps - step) / rate if rate > 0 else float("inf")
-        shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+        scalar_text = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         eta_text = format_duration(eta) if np.isfinite(eta) else "?"
         return (
-            f"[step {step}/{self._num_steps}] {shown} | {rate:.2f} steps/s | ETA {eta_text}",
+            f"[step {step}/{self._num_steps}] {scalar_text} | {rate:.2f} steps/s | ETA {eta_text}",
             rate,
         )

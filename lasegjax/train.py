@@ -157,8 +157,8 @@ def _log_step(step, metrics, progress, writer, fusion_taps):
     line, rate = progress.line(step, {k: scalars[k] for k in ("loss", "learning_rate")})
     if "fusion_weight_0" in scalars:
         weights = (scalars[f"fusion_weight_{i}"] for i in range(len(fusion_taps)))
-        shown = (f"b{tap}:{w:.3f}" for tap, w in zip(fusion_taps, weights, strict=True))
-        line += " | fusion " + " ".join(shown)
+        weight_texts = (f"b{tap}:{w:.3f}" for tap, w in zip(fusion_taps, weights, strict=True))
+        line += " | fusion " + " ".join(weight_texts)
     logging.info(line)
     writer.write(
         step, {f"train/{k}": v for k, v in scalars.items()} | {"train/steps_per_second": rate}

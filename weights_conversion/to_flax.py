@@ -131,7 +131,7 @@ def check_hf_config(hf_config: dict, spec: EncoderSpec, path) -> None:
         )
     if not is_registers and spec.num_registers:
         raise CheckpointError(
-            f"{path} contains {spec.num_registers} register tokens but config.json says "
+            f"{path} contains {spec.num_registers} register tokens but config.json sets "
             "model_type 'dinov2', which has none; fix config.json"
         )
     for field, value in expected.items():

@@ -1,7 +1,7 @@
 """From 3D volumes to batches of normalised 2D slices, and from slice predictions back.
 
 Each volume is normalised once, cut into slices along its through-plane axis and
-fitted to the model's input size; the result (`PreparedVolume`) stays in memory and
+fitted to the model's input size. The result (`PreparedVolume`) stays in memory and
 records what is needed to map predictions back onto the original voxel grid. Training
 batches come from a grain `MapDataset` over all slices of the training volumes, so
 shuffling and augmentation are deterministic functions of the seed and the element index
@@ -23,7 +23,7 @@ FIT_MODES = ("resize", "pad")
 
 @dataclasses.dataclass
 class PreparedVolume:
-    """One volume as the model sees it, plus what is needed to undo the preparation.
+    """One volume in the model's input form, plus what is needed to undo the preparation.
 
     Attributes:
       case_id: Case name.

@@ -269,7 +269,9 @@ class DinoV2Encoder(nn.Module):
         )
         prefix = 1 + self.num_registers
         outputs = []
-        for index in range(max(taps) + 1):
+        # Blocks after the last tap do not change the outputs, and jit removes them as dead
+        # code. They are still built, so every checkpoint key has a parameter.
+        for index in range(self.depth):
             x = Block(
                 self.num_heads,
                 self.mlp_hidden,
@@ -283,18 +285,6 @@ class DinoV2Encoder(nn.Module):
                 out = final_norm(x) if self.norm_taps else x
                 patches = out[:, prefix:].astype(self.dtype)
                 outputs.append(patches.reshape(batch, grid_h, grid_w, self.width))
-        # Blocks after the last tap are never run, so their parameters would not exist;
-        # create them (and the final norm) anyway so every checkpoint key has a target.
-        for index in range(max(taps) + 1, self.depth):
-            Block(
-                self.num_heads,
-                self.mlp_hidden,
-                self.mlp,
-                self.layerscale_init,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"blocks_{index}",
-            )(x)
         if not self.norm_taps:
             final_norm(x)
         return outputs

@@ -22,7 +22,7 @@ class Segmenter(nn.Module):
 
         C is 1 (a grayscale slice, repeated for the encoder) or the encoder's input
         channel count (a slice with its neighbours, the slice itself in the middle). The
-        decoder sees only the middle channel.
+        decoder receives only the middle channel.
         """
         channels = images.shape[-1]
         if channels == 1:
