@@ -1,6 +1,6 @@
 """Finding LA cases in a data folder and loading them as `Volume`s.
 
-Three on-disk layouts are accepted:
+Four on-disk layouts are accepted:
 
 - `lascarqs`: LAScarQS 2022 Task 2, one folder per case (e.g. `train_data/train_1/`) containing
   `enhanced.nii.gz` (LGE image) and `atriumSegImgMO.nii.gz` (LA mask).
@@ -8,24 +8,29 @@ Three on-disk layouts are accepted:
   under the same name in `labelsTr/`.
 - `la_h5`: the preprocessed LASC2018 HDF5 files, `<case>/mri_norm2.h5` with datasets `image`
   and `label`.
+- `lasc2018`: the raw 2018 Atrial Segmentation Challenge release, one folder per case
+  (e.g. `Training Set/<case>/`) containing `lgemri.nrrd` (LGE image) and `laendo.nrrd`
+  (LA cavity mask, 255 = LA). Other files in the folder, such as `lawall.nrrd`, are ignored.
 
 Uncompressed `.nii` files are accepted wherever `.nii.gz` is named. Case folders may sit up
 to `MAX_SEARCH_DEPTH` folder levels below the data root.
 """
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from lasegjax.data import volume_io
 from lasegjax.data.volume import Volume
 from lasegjax.errors import DataError
 
-LAYOUTS = ("lascarqs", "msd", "la_h5")
+LAYOUTS = ("lascarqs", "msd", "la_h5", "lasc2018")
 
 # root/train_data/train_1/ is at depth 2, and one more level allows a wrapper folder such
 # as an unzipped archive. A limit keeps auto-detection fast on a large or wrongly chosen root.
@@ -37,15 +42,26 @@ MSD_IMAGE_DIR = "imagesTr"
 MSD_LABEL_DIR = "labelsTr"
 MSD_IMAGE_PATTERN = re.compile(r"^(la_\d+)\.nii(\.gz)?$")
 LA_H5_NAME = "mri_norm2.h5"
+LASC2018_IMAGE_NAME = "lgemri.nrrd"
+LASC2018_MASK_NAME = "laendo.nrrd"
 
 # The preprocessed HDF5 files store no spacing. The LASC2018 challenge gives the voxel
 # size of its volumes as 0.625 x 0.625 x 0.625 mm.
 LA_H5_SPACING_MM = (0.625, 0.625, 0.625)
+# NOTE: used only for LASC2018 NRRD files whose header has no geometry fields. Whether the
+# raw release carries them was not checked on the original files, so this is the challenge's
+# stated voxel size, not a value read from the data.
+LASC2018_SPACING_MM = LA_H5_SPACING_MM
+
+# Image and mask affines that differ by more than this (mm, or unitless for the rotation
+# part) are reported, because the mask may then belong to another grid.
+AFFINE_TOLERANCE = 1e-3
 
 _EXPECTED_FILES = {
     "lascarqs": "<case>/enhanced.nii.gz with <case>/atriumSegImgMO.nii.gz (LAScarQS 2022)",
     "msd": "imagesTr/la_NNN.nii.gz with labelsTr/la_NNN.nii.gz (MSD Task02_Heart)",
     "la_h5": f"<case>/{LA_H5_NAME} (LA HDF5)",
+    "lasc2018": f"<case>/{LASC2018_IMAGE_NAME} with <case>/{LASC2018_MASK_NAME} (LASC2018 NRRD)",
 }
 
 
@@ -103,9 +119,16 @@ def load_case(ref: CaseRef) -> Volume:
     if ref.layout == "la_h5":
         image, mask = volume_io.read_h5_case(ref.image_path)
         affine = np.diag([*LA_H5_SPACING_MM, 1.0])
+    elif ref.layout == "lasc2018":
+        image, affine = volume_io.read_nrrd_image(ref.image_path, LASC2018_SPACING_MM)
+        mask = None if ref.mask_path is None else volume_io.read_nrrd_mask(ref.mask_path)
+        if mask is not None:
+            _warn_if_grids_differ(ref, affine, volume_io.read_nrrd_affine(ref.mask_path))
     else:
         image, affine = volume_io.read_nifti_image(ref.image_path)
         mask = None if ref.mask_path is None else volume_io.read_nifti_mask(ref.mask_path)
+        if mask is not None:
+            _warn_if_grids_differ(ref, affine, volume_io.read_nifti_affine(ref.mask_path))
 
     if mask is not None and mask.shape != image.shape:
         raise DataError(
@@ -121,6 +144,30 @@ def load_case(ref: CaseRef) -> Volume:
         image_path=ref.image_path,
         mask_path=ref.mask_path,
     )
+
+
+def _warn_if_grids_differ(ref: CaseRef, image_affine: np.ndarray, mask_affine) -> None:
+    # Image and mask arrays of the same shape are paired voxel by voxel. A different mask
+    # affine is often only a header written without geometry, so it is reported rather than
+    # rejected or resampled.
+    if mask_affine is None or np.allclose(mask_affine, image_affine, atol=AFFINE_TOLERANCE):
+        return
+    logging.warning(
+        "%s: the mask %s has another voxel-to-world affine than the image %s (axis codes "
+        "%s vs %s, voxel sizes %s vs %s mm). The mask is used voxel by voxel on the image "
+        "grid; check that both files come from the same volume.",
+        ref.case_id,
+        ref.mask_path,
+        ref.image_path,
+        "".join(nib.aff2axcodes(mask_affine)),
+        "".join(nib.aff2axcodes(image_affine)),
+        _format_spacing(mask_affine),
+        _format_spacing(image_affine),
+    )
+
+
+def _format_spacing(affine: np.ndarray) -> str:
+    return " x ".join(f"{s:.4g}" for s in np.linalg.norm(affine[:3, :3], axis=0))
 
 
 def _check_root(root: str | Path) -> Path:
@@ -177,6 +224,16 @@ def _cases_in_folder(folder: Path, file_names: set[str]) -> Iterator[CaseRef]:
             image_path=str(folder / image_name),
             mask_path=None if mask_name is None else str(folder / mask_name),
             layout="lascarqs",
+        )
+
+    if LASC2018_IMAGE_NAME in file_names:
+        yield CaseRef(
+            case_id=folder.name,
+            image_path=str(folder / LASC2018_IMAGE_NAME),
+            mask_path=(
+                str(folder / LASC2018_MASK_NAME) if LASC2018_MASK_NAME in file_names else None
+            ),
+            layout="lasc2018",
         )
 
     if LA_H5_NAME in file_names:
