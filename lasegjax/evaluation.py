@@ -1,12 +1,12 @@
-"""Per-volume evaluation: slice-wise prediction, 3D Dice and IoU, and the files it writes.
+"""Per-volume evaluation: slice-wise prediction, 3D metrics, and the files it writes.
 
-Metrics are computed per volume on the original voxel grid, from true positives, false
-positives and false negatives. When both prediction and truth are empty, Dice and IoU
-are undefined and reported as NaN; means over cases skip NaN (`np.nanmean`).
+Dice, IoU, HD95 and ASSD are computed per volume on the original voxel grid by
+`lasegjax.metrics`, which also defines the conventions for empty masks. Means over cases
+skip NaN.
 """
 
-import csv
-import logging
+import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -17,27 +17,14 @@ from scipy import ndimage
 
 from lasegjax import sharding
 from lasegjax.data.pipeline import PreparedVolume, restore_volume, slice_windows
+from lasegjax.metrics import mean_metrics, segmentation_metrics, summarize, write_reports
+
+# Moved to lasegjax.metrics; re-exported for callers that import them from here.
+from lasegjax.metrics import overlap_metrics as overlap_metrics
+from lasegjax.metrics import write_metrics_csv as write_metrics_csv
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def overlap_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Return Dice and IoU of two binary arrays (NaN for both when both are empty)."""
-    prediction = prediction.astype(bool)
-    truth = truth.astype(bool)
-    tp = int(np.count_nonzero(prediction & truth))
-    fp = int(np.count_nonzero(prediction & ~truth))
-    fn = int(np.count_nonzero(~prediction & truth))
-    if tp + fp + fn == 0:
-        return {"dice": float("nan"), "iou": float("nan"), "tp": 0, "fp": 0, "fn": 0}
-    return {
-        "dice": 2 * tp / (2 * tp + fp + fn),
-        "iou": tp / (tp + fp + fn),
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-    }
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -55,9 +42,12 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def make_predict_fn(model, mesh=None):
-    """Return a jitted (params, images) -> sigmoid probabilities function; it donates nothing.
+    """Return a (params, images) -> sigmoid probabilities function; it donates nothing.
 
-    With a mesh, the images are split over its data axis and the parameters replicated.
+    `images` is a NumPy batch that every process has in full. With a mesh, the batch is
+    split over its data and fsdp axes, each process feeding only its own devices, the
+    parameters keep their shardings, and every process gets all probabilities back as a
+    NumPy array. Each slice is thus predicted exactly once.
     """
 
     def predict(params, images):
@@ -65,12 +55,19 @@ def make_predict_fn(model, mesh=None):
         return jax.nn.sigmoid(logits[..., 0])
 
     if mesh is None:
-        return jax.jit(predict)
-    return jax.jit(
-        predict,
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=sharding.batch_sharding(mesh),
-    )
+        jitted = jax.jit(predict)
+        return lambda params, images: np.asarray(jitted(params, images))
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    # Input shardings come from the arguments: the parameters' own and the batch's.
+    jitted = jax.jit(predict, out_shardings=batch_sharding)
+
+    def predict_on_mesh(params, images):
+        params = sharding.on_mesh(params, mesh)
+        images = sharding.global_array_from_host(images, batch_sharding)
+        return sharding.host_local_array(jitted(params, images))
+
+    return predict_on_mesh
 
 
 def predict_slices(
@@ -96,15 +93,35 @@ def predict_slices(
     return np.concatenate(outputs)
 
 
-def save_mask_nifti(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write a uint8 mask with `affine` as both qform and sform, as viewers expect."""
+def save_mask_nifti(
+    mask: np.ndarray, affine: np.ndarray, path: Path, reference_header=None
+) -> None:
+    """Write a uint8 mask to a NIfTI file, atomically (a temporary file, then a rename).
+
+    Without `reference_header`, `affine` is stored as both qform and sform with code 1
+    (scanner). With the header of the source image, its qform, sform, their codes, voxel
+    size and units are copied, so viewers place the mask exactly over that image.
+    """
     image = nib.Nifti1Image(mask.astype(np.uint8), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
+    if reference_header is None:
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+    else:
+        header = image.header
+        header.set_xyzt_units(*reference_header.get_xyzt_units())
+        image.set_qform(reference_header.get_qform(), code=int(reference_header["qform_code"]))
+        image.set_sform(reference_header.get_sform(), code=int(reference_header["sform_code"]))
+        header.set_zooms(reference_header.get_zooms()[: mask.ndim])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    nib.save(image, tmp)
-    tmp.replace(path)
+    # The temporary name keeps the .nii.gz suffix so that nibabel compresses it.
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
+    os.close(handle)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_panel(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: Path, title: str):
@@ -160,13 +177,16 @@ def evaluate_volumes(
     output_dir: Path | None = None,
     step: int | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Predict every volume, compute per-volume Dice and IoU, and write the outputs.
+    """Predict every volume, compute per-volume metrics, and write the outputs.
 
-    With `output_dir`, writes `metrics.csv`, one `<case>.nii.gz` mask per volume (with the
-    input's affine) under `predictions/`, and `panel.png`.
+    Labelled volumes get Dice, IoU, HD95 and ASSD (in mm, from the spacing in the volume's
+    affine), see `lasegjax.metrics`. With `output_dir`, writes `metrics.csv`,
+    `summary.json`, `boxplot.png`, one `<case>.nii.gz` mask per volume (with the input's
+    affine) under `predictions/`, and `panel.png`.
 
     Returns:
-      (summary, rows): mean Dice and IoU over volumes, and one dict per volume.
+      (summary, rows): the mean of each metric over volumes ("dice", "iou", "hd95",
+      "assd"; NaN skipped), and one dict per volume.
     """
     rows, panel = [], []
     threshold = config.eval.threshold
@@ -180,7 +200,7 @@ def evaluate_volumes(
             prediction = largest_component(prediction)
         row = {"case": prepared.case_id}
         if prepared.label is not None:
-            row.update(overlap_metrics(prediction, prepared.label))
+            row.update(segmentation_metrics(prediction, prepared.label, prepared.spacing))
         rows.append(row)
         if output_dir is not None and config.eval.save_predictions:
             save_mask_nifti(
@@ -191,31 +211,14 @@ def evaluate_volumes(
         if len(panel) < config.eval.num_panel_slices:
             per_volume = max(1, config.eval.num_panel_slices // max(len(volumes), 1))
             panel.extend(_panel_rows(prepared, probabilities, threshold, per_volume))
-    dice = [r["dice"] for r in rows if "dice" in r]
-    iou = [r["iou"] for r in rows if "iou" in r]
-    summary = {
-        "dice": float(np.nanmean(dice)) if dice else float("nan"),
-        "iou": float(np.nanmean(iou)) if iou else float("nan"),
-    }
-    if output_dir is not None:
-        write_metrics_csv(rows, output_dir / "metrics.csv")
-        if panel:
-            label = f"step {step}" if step is not None else "evaluation"
-            save_panel(
-                panel[: config.eval.num_panel_slices],
-                output_dir / "panel.png",
-                f"{label}: mean Dice {summary['dice']:.3f}",
-            )
+    label = f"step {step}" if step is not None else "evaluation"
+    if output_dir is None:
+        return mean_metrics(summarize(rows)), rows
+    summary = mean_metrics(write_reports(rows, output_dir, f"{label}: {len(rows)} volumes"))
+    if panel:
+        save_panel(
+            panel[: config.eval.num_panel_slices],
+            output_dir / "panel.png",
+            f"{label}: mean Dice {summary['dice']:.3f}",
+        )
     return summary, rows
-
-
-def write_metrics_csv(rows: list[dict], path: Path) -> None:
-    """Write one line per volume with its Dice, IoU and voxel counts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["case", "dice", "iou", "tp", "fp", "fn"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-    logging.info("Wrote per-volume metrics to %s.", path)

@@ -1,0 +1,400 @@
+"""Segment the left atrium in NIfTI volumes with a trained model, writing one mask per volume.
+
+  python -m lasegjax.predict --workdir runs/demo --input scans/ --output masks/
+
+The model, its input size and the preprocessing come from the training run's
+`config.json`, the parameters from its `checkpoints/` folder. Each volume is cut into
+slices along the axis chosen at training time, predicted in batches, and mapped back onto
+its own voxel grid. The mask is written as uint8 {0, 1} with the input's qform, sform and
+their codes, so it lines up with the image in ITK-SNAP, 3D Slicer and nibabel.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lasegjax import checkpointing, evaluation, sharding
+from lasegjax.config import base_config
+from lasegjax.data import volume_io
+from lasegjax.data.nifti_files import case_name, is_nifti, list_nifti_files, load_nifti
+from lasegjax.data.pipeline import prepare_volume, restore_volume
+from lasegjax.data.volume import Volume
+from lasegjax.errors import CheckpointError, ConfigError, DataError, LasegError
+from lasegjax.model.segmenter import build_model
+from lasegjax.reporting import setup_logging
+from lasegjax.train import compute_dtype
+
+OUTPUT_SUFFIX = ".nii.gz"
+TTA_MODES = ("none", "flip")
+# Axes of a (Z, H, W) slice stack flipped by `--tta flip`: the identity, then each in-plane
+# axis. Training augments with the same flips, so the model has seen flipped anatomy.
+FLIP_AXES = ((), (1,), (2,))
+
+_EPILOG = f"""\
+outputs:
+  For each input <name>.nii or <name>.nii.gz, writes <output>/<name>{OUTPUT_SUFFIX}: a uint8
+  mask (1 = left atrium) on the input's voxel grid, with the input's qform, sform and their
+  codes. An existing output file is an error unless --overwrite is given, and an output that
+  would replace an input image is always an error. Files are written to a temporary name
+  and renamed, so an interrupted run leaves no partial mask.
+
+test-time augmentation:
+  --tta flip averages the probabilities of the slices as given and flipped along each of
+  the two in-plane axes (3 forward passes per slice), then thresholds the average.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lasegjax.predict",
+        description="Segment the left atrium in NIfTI volumes with a trained lasegjax model.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        type=Path,
+        help="training run folder, containing config.json and checkpoints/",
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="a NIfTI image (.nii or .nii.gz) or a folder of them (not searched recursively)",
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="folder for the masks; created if missing"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="'best' (highest validation Dice), 'latest', or a step number. Default: best "
+        "when a checkpoint has a validation Dice, else latest",
+    )
+    parser.add_argument(
+        "--largest_component",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep only the largest connected component of each mask. Default: "
+        "eval.largest_component of the run's config",
+    )
+    parser.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default="none",
+        help="test-time augmentation: 'flip' averages over in-plane flips (default: none)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="slices per forward pass, a multiple of the device count. Default: "
+        "eval.batch_size of the run's config",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability above which a voxel is foreground. Default: eval.threshold of the "
+        "run's config",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return parser.parse_args(argv)
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """Return the NIfTI file `path`, or the NIfTI files directly inside the folder `path`."""
+    if not path.exists():
+        raise DataError(
+            f"input not found: {path}. Pass a NIfTI file (.nii or .nii.gz) or a folder of them"
+        )
+    if path.is_file():
+        if not is_nifti(path):
+            raise DataError(
+                f"input {path} is not a NIfTI file: expected a name ending in .nii or .nii.gz"
+            )
+        return [path]
+    return list_nifti_files(path, "--input")
+
+
+def plan_outputs(inputs: list[Path], output_dir: Path, overwrite: bool) -> list[Path]:
+    """Return the output path of each input, or raise before anything is computed."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"--output {output_dir} is a file; pass a folder")
+    outputs = [output_dir / f"{case_name(path)}{OUTPUT_SUFFIX}" for path in inputs]
+
+    first_input = {}
+    for source, target in zip(inputs, outputs, strict=True):
+        if target in first_input:
+            raise DataError(
+                f"{first_input[target]} and {source} would both be written to {target}. "
+                "Rename one of them or predict them into different --output folders"
+            )
+        first_input[target] = source
+        if target.resolve() == source.resolve():
+            raise DataError(
+                f"the mask for {source} would replace the image itself. Choose another --output"
+            )
+
+    existing = [target for target in outputs if target.exists()]
+    if existing and not overwrite:
+        listed = ", ".join(str(p) for p in existing[:5])
+        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        raise DataError(
+            f"output file {listed}{more} already exists. Pass --overwrite to replace it or "
+            "choose another --output"
+        )
+    return outputs
+
+
+def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    """Read `workdir/config.json`, with defaults for fields added since the run was trained."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found. Pass the --workdir of a training run (the folder given to "
+            "python -m lasegjax.main)"
+        )
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"failed to read {path}: {err}") from err
+    return ml_collections.ConfigDict(_merge(base_config().to_dict(), _lists_to_tuples(saved)))
+
+
+def _lists_to_tuples(value):
+    # JSON has no tuples; the model code hashes some config fields, which lists cannot be.
+    if isinstance(value, dict):
+        return {key: _lists_to_tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(item) for item in value)
+    return value
+
+
+def _merge(defaults: dict, saved: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def open_checkpoints(checkpoint_dir: Path) -> ocp.CheckpointManager:
+    """Open a training run's checkpoints for reading only, with the best chosen by Dice."""
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(
+            f"no checkpoints folder at {checkpoint_dir}. Pass the --workdir of a training run "
+            "that saved at least one checkpoint"
+        )
+    options = ocp.CheckpointManagerOptions(
+        read_only=True,
+        best_fn=lambda metrics: metrics[checkpointing.BEST_METRIC],
+        best_mode="max",
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir.absolute(),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=options,
+    )
+
+
+def resolve_checkpoint_step(manager: ocp.CheckpointManager, choice: str | None) -> int:
+    """Return the step that `--checkpoint` selects among the manager's checkpoints."""
+    checkpoint_dir = manager.directory
+    steps = sorted(manager.all_steps())
+    best = manager.best_step()
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {checkpoint_dir}")
+
+    available = ", ".join(str(s) for s in steps)
+    if choice is None:
+        return best if best is not None else steps[-1]
+    if choice == "latest":
+        return steps[-1]
+    if choice == "best":
+        if best is None:
+            raise CheckpointError(
+                f"no checkpoint in {checkpoint_dir} has a validation Dice, so none is best. "
+                f"Pass --checkpoint latest or a step ({available})"
+            )
+        return best
+    try:
+        step = int(choice)
+    except ValueError:
+        raise CheckpointError(
+            f"--checkpoint {choice!r} is invalid: use 'best', 'latest' or a step ({available})"
+        ) from None
+    if step not in steps:
+        raise CheckpointError(
+            f"no checkpoint at step {step} in {checkpoint_dir}; available steps: {available}"
+        )
+    return step
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, mesh):
+    """Restore only the parameters of the train state at `step`, replicated over `mesh`.
+
+    The target shardings come from `mesh`, not from the checkpoint, so a run trained on
+    another number of devices restores too. The optimizer state is not read.
+    """
+    saved = manager.item_metadata(step)["state"].tree["params"]
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(
+            leaf.shape, leaf.dtype, sharding=sharding.replicated(mesh)
+        ),
+        saved,
+    )
+    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), target)
+    args = ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+    )
+    return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
+
+class Predictor:
+    """A trained model with its parameters on a device mesh, predicting whole volumes."""
+
+    def __init__(
+        self, config, params, mesh, batch_size: int, tta: str, threshold: float, largest: bool
+    ):
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta {tta!r} is invalid: use one of {TTA_MODES}")
+        sharding.check_batch_divisible(batch_size, mesh, "--batch_size")
+        self.config = config
+        self.params = params
+        self.batch_size = batch_size
+        self.flips = FLIP_AXES if tta == "flip" else FLIP_AXES[:1]
+        self.threshold = threshold
+        self.largest = largest
+        model = build_model(config.model, compute_dtype(config))
+        self.predict_fn = evaluation.make_predict_fn(model, mesh)
+
+    def __call__(self, volume: Volume) -> np.ndarray:
+        """Return the uint8 {0, 1} mask of `volume` on its own voxel grid."""
+        mask = (self.probabilities(volume) > self.threshold).astype(np.uint8)
+        if self.largest:
+            mask = evaluation.largest_component(mask)
+        return mask
+
+    def probabilities(self, volume: Volume) -> np.ndarray:
+        """Return the float32 foreground probabilities of `volume` on its own voxel grid."""
+        prepared = prepare_volume(volume, self.config.data)
+        probabilities = np.zeros(prepared.images.shape, np.float32)
+        for axes in self.flips:
+            images = np.ascontiguousarray(np.flip(prepared.images, axes))
+            flipped = evaluation.predict_slices(
+                self.predict_fn,
+                self.params,
+                images,
+                self.batch_size,
+                self.config.data.context_slices,
+            )
+            probabilities += np.flip(flipped, axes)
+        probabilities /= len(self.flips)
+        return restore_volume(probabilities, prepared, self.config.data.fit)
+
+
+def load_predictor(args: argparse.Namespace, config) -> Predictor:
+    """Restore the parameters that `--checkpoint` selects and build the predictor."""
+    batch_size = args.batch_size if args.batch_size is not None else config.eval.batch_size
+    if batch_size <= 0:
+        raise ConfigError(f"--batch_size {batch_size} is invalid: pass a positive number")
+    threshold = args.threshold if args.threshold is not None else config.eval.threshold
+    if not 0.0 <= threshold < 1.0:
+        raise ConfigError(f"--threshold {threshold} is invalid: pass a probability in [0, 1)")
+    largest = args.largest_component
+    if largest is None:
+        largest = bool(config.eval.largest_component)
+
+    # The only mesh of prediction: every device splits the batch of slices.
+    mesh = sharding.make_mesh()
+    sharding.check_batch_divisible(batch_size, mesh, "--batch_size")
+    manager = open_checkpoints(args.workdir / "checkpoints")
+    try:
+        step = resolve_checkpoint_step(manager, args.checkpoint)
+        params = restore_params(manager, step, mesh)
+    finally:
+        manager.close()
+    logging.info("Restored the parameters of step %d from %s.", step, manager.directory)
+    return Predictor(config, params, mesh, batch_size, args.tta, threshold, largest)
+
+
+def predict_file(predictor: Predictor, source: Path, target: Path) -> None:
+    """Predict the mask of the NIfTI image `source` and write it to `target`."""
+    start = time.perf_counter()
+    image, affine = volume_io.read_nifti_image(source)
+    volume = Volume(
+        case_id=case_name(source), image=image, mask=None, affine=affine, image_path=str(source)
+    )
+    mask = predictor(volume)
+    header = load_nifti(source).header
+    evaluation.save_mask_nifti(mask, affine, target, reference_header=header)
+    foreground = int(mask.sum())
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    logging.info(
+        "%s -> %s: %s voxels, %d foreground (%.1f ml), %.1f s.",
+        source,
+        target,
+        "x".join(str(s) for s in mask.shape),
+        foreground,
+        foreground * voxel_ml,
+        time.perf_counter() - start,
+    )
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Run the command line; return the written mask files. Raises LasegError on bad input."""
+    args = parse_args(argv)
+    setup_logging(None)
+    inputs = list_inputs(args.input)
+    outputs = plan_outputs(inputs, args.output, args.overwrite)
+    for path in inputs:
+        load_nifti(path)  # so that a corrupt header fails before the model is loaded
+    config = load_run_config(args.workdir)
+    try:
+        sharding.use_cpu_devices(config.cpu_devices)
+    except RuntimeError:
+        # JAX was already initialised by the program that called main (tests, notebooks),
+        # so its devices are used as they are.
+        pass
+
+    predictor = load_predictor(args, config)
+    logging.info(
+        "Predicting %d volume(s) into %s (test-time augmentation: %s).",
+        len(inputs),
+        args.output,
+        args.tta,
+    )
+    args.output.mkdir(parents=True, exist_ok=True)
+    with logging_redirect_tqdm():
+        pairs = list(zip(inputs, outputs, strict=True))
+        for source, target in tqdm(pairs, unit="volume", desc="predict"):
+            predict_file(predictor, source, target)
+    return outputs
+
+
+def cli() -> None:
+    # Importing orbax logs through absl, which without absl.app installs a default stderr
+    # handler on the root logger; main installs the one this command uses.
+    logging.getLogger().handlers.clear()
+    try:
+        main()
+    except LasegError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()
