@@ -1,16 +1,23 @@
-"""One orbax CheckpointManager for train state and data-iterator state.
+"""One orbax CheckpointManager for the train state.
 
 The manager keeps the latest `keep` checkpoints plus the one with the best validation
 Dice. orbax writes each step into a temporary folder and renames it when complete, so an
-interrupted save never replaces a good checkpoint.
+interrupted save never replaces a good checkpoint. Arrays are saved sharded, each host
+writing its own shards, and restore onto whatever shardings the target state has, so a
+run can resume on another mesh or number of hosts. The position in the training data is
+the step itself (see `train_dataset`), so no data-iterator state is saved.
 """
 
 import logging
+import time
 from pathlib import Path
 
-import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+from lasegjax.errors import CheckpointError
 
 BEST_METRIC = "val_dice"
 
@@ -38,16 +45,15 @@ def make_manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
         enable_async_checkpointing=False,
     )
     return ocp.CheckpointManager(
-        Path(directory).absolute(), options=options, item_names=("state", "data_iter")
+        Path(directory).absolute(),
+        options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
     )
 
 
-def save(manager, step: int, state, data_iter, metrics: dict | None = None, force=False) -> bool:
-    """Save train state and data-iterator state at `step`; return whether a save happened."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
-    )
+def save(manager, step: int, state, metrics: dict | None = None, force=False) -> bool:
+    """Save the train state at `step`; return whether a save happened."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state))
     saved = manager.save(step, args=args, metrics=metrics, force=force)
     if saved:
         manager.wait_until_finished()
@@ -55,20 +61,57 @@ def save(manager, step: int, state, data_iter, metrics: dict | None = None, forc
     return saved
 
 
-def restore(manager, step: int, abstract_state, data_iter):
-    """Restore the train state (matching `abstract_state`) and `data_iter` in place."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-    )
-    restored = manager.restore(step, args=args)
-    return restored.state
-
-
-def restore_state_only(manager, step: int, abstract_state):
-    """Restore only the train state at `step`, for evaluation and prediction."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+def restore(manager, step: int, target_state):
+    """Restore the train state at `step` onto the shapes, dtypes and shardings of `target_state`."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target_state))
     return manager.restore(step, args=args).state
+
+
+def restore_latest(manager, target_state):
+    """Restore the newest readable checkpoint; return (step or None, state).
+
+    A checkpoint that fails to read (a damaged or partly deleted file) is moved to
+    `<checkpoints>_unreadable/<step>`, with a warning, and the previous one is tried, so
+    a later save at the same step cannot collide with it. Raises CheckpointError when
+    checkpoints exist but none can be read.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return step, restore(manager, step, target_state)
+        # orbax and TensorStore raise plain Exception for damaged array data.
+        except Exception as err:  # noqa: BLE001
+            moved = _move_unreadable(manager, step)
+            logging.warning(
+                "The checkpoint at step %d in %s cannot be read (%s: %s). Moved it to %s; "
+                "trying the previous checkpoint.",
+                step,
+                manager.directory,
+                type(err).__name__,
+                str(err).splitlines()[0][:300] if str(err) else "",
+                moved,
+            )
+    if steps:
+        raise CheckpointError(
+            f"none of the checkpoints {steps} in {manager.directory} could be read; they were "
+            f"moved to {Path(str(manager.directory) + '_unreadable')}. Delete them to start "
+            "again, or restore a copy of the checkpoint folder"
+        )
+    return None, target_state
+
+
+def _move_unreadable(manager, step: int) -> Path:
+    directory = Path(str(manager.directory))
+    target = directory.with_name(directory.name + "_unreadable") / str(step)
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target = target.with_name(f"{step}.{int(time.time())}")
+        (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"lasegjax: moved checkpoint {step}")
+    manager.reload()
+    return target
 
 
 def load_params(directory: str | Path, step: int | None = None, best: bool = False):
@@ -81,6 +124,12 @@ def load_params(directory: str | Path, step: int | None = None, best: bool = Fal
         step = manager.best_step() if best else manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint found in {directory}")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto one local device, whatever mesh the checkpoint was saved from.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        manager.item_metadata(step).state,
+    )
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     manager.close()
     return step, state.state["params"]

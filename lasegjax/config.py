@@ -18,10 +18,18 @@ def base_config() -> ml_collections.ConfigDict:
     # split over all devices.
     config.cpu_devices = 0
 
+    # Device mesh: `data` splits the batch, `fsdp` splits the batch and the parameters and
+    # optimizer state, `model` splits attention heads and MLP hidden units. One size may be
+    # -1: the remaining devices.
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1
+    mesh.fsdp = 1
+    mesh.model = 1
+
     config.data = data = ml_collections.ConfigDict()
     # Empty root: generate a synthetic phantom dataset in the workdir and train on it.
     data.root = ""
-    data.layout = "auto"  # "auto", "lascarqs", "msd" or "la_h5"
+    data.layout = "auto"  # "auto", "lascarqs", "msd", "la_h5" or "lasc2018"
     data.image_size = (448, 448)  # (height, width), each a multiple of the 14-px patch
     data.fit = "resize"  # "resize" stretches each slice to image_size; "pad" pads or crops
     data.slice_axis = "auto"  # 0, 1, 2, -1, or "auto": the axis with the coarsest spacing
@@ -32,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
     data.val_fraction = 0.2
     data.num_val = 0  # if > 0, overrides val_fraction with a fixed count of volumes
     data.split_seed = 0
+    # Data shards: the training volumes are dealt round-robin into this many shards, each
+    # with its own shuffled stream, and batch k concatenates batch k of every shard. Each
+    # process reads only its own shards. 0: one shard per process. Fix it (to a multiple of
+    # the process count) to get the same batches whatever the number of hosts.
+    data.shards = 0
     data.max_cases = 0  # if > 0, use only the first max_cases cases (sorted by id), for quick runs
     data.num_threads = 2  # grain reader threads
     data.prefetch = 4  # batches prepared ahead
@@ -60,6 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
     enc.interpolate_antialias = False
     enc.frozen = True
     enc.checkpoint = ""  # converted DINOv2 weights; empty: random initialisation
+    # Scan over the blocks between taps, so XLA compiles one block, not `depth` of them.
+    enc.scan = False
+    # Rematerialise each block in the backward pass: "none", "full", "dots" or "dots_no_batch"
+    # (what is kept; see lasegjax/model/encoder.py). Only matters when the encoder is trained.
+    enc.remat = "none"
     model.fusion = "learned"  # "learned", "last_block" or "mean"
     model.decoder = dec = ml_collections.ConfigDict()
     dec.channels = (256, 128, 64, 32)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lasegjax.errors import ConfigError
+
 
 def _matmul_flops_per_second(size: int = 512, repeats: int = 5) -> float:
     a = jnp.ones((size, size), jnp.float32)
@@ -97,3 +99,70 @@ def log_estimate(config, model) -> None:
         result["step_seconds"],
         result["step_flops"] / 1e12,
     )
+
+
+def compiled_costs(compiled) -> dict:
+    """Return XLA's per-device memory (bytes) and FLOPs for one call of a compiled program."""
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    result = {"flops": float((cost or {}).get("flops", 0.0))}
+    if memory is not None:
+        result.update(
+            arguments=memory.argument_size_in_bytes,
+            outputs=memory.output_size_in_bytes,
+            aliased=memory.alias_size_in_bytes,
+            temporaries=memory.temp_size_in_bytes,
+            generated_code=memory.generated_code_size_in_bytes,
+        )
+        # Donated inputs share buffers with the outputs they alias.
+        result["peak"] = (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes
+            + memory.generated_code_size_in_bytes
+        )
+    return result
+
+
+def device_memory_limit() -> int | None:
+    """Return the memory in bytes of one local accelerator, or None where JAX reports none."""
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def compile_and_report(jitted, *args, mesh=None):
+    """Compile `jitted` for `args` ahead of time and log its per-device memory and FLOPs.
+
+    Raises ConfigError before training starts when the program needs more memory than a
+    device has. Returns the compiled program, which the training loop then calls.
+    """
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    costs = compiled_costs(compiled)
+    limit = device_memory_limit()
+    peak = costs.get("peak")
+    logging.info(
+        "Compiled the train step in %.1f s: %s per device per step (arguments %s, temporaries "
+        "%s), %.3g TFLOP per device per step%s.",
+        time.perf_counter() - start,
+        _gib(peak),
+        _gib(costs.get("arguments")),
+        _gib(costs.get("temporaries")),
+        costs["flops"] / 1e12,
+        f", device memory {_gib(limit)}" if limit else "",
+    )
+    if limit and peak and peak > limit:
+        shape = dict(mesh.shape) if mesh is not None else "?"
+        raise ConfigError(
+            f"the train step needs {_gib(peak)} per device but each device has {_gib(limit)} "
+            f"(mesh {shape}). Lower train.batch_size, raise mesh.fsdp, set "
+            "model.encoder.remat=full, or use train.dtype=bfloat16"
+        )
+    return compiled
+
+
+def _gib(value) -> str:
+    return "?" if value is None else f"{value / 2**30:.2f} GiB"

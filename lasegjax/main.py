@@ -21,14 +21,40 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Join a multi-process (multi-host) job with jax.distributed.initialize: auto joins when "
+    "--coordinator_address is set or a SLURM job, TPU pod or JAX_COORDINATOR_ADDRESS is "
+    "detected; on always joins (Cloud TPU pods); off never does.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for clusters JAX cannot detect."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes in the job (with --coordinator_address)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Index of this process, 0 ... num_processes - 1."
+)
+
+
 def main(argv):
     del argv
     from pathlib import Path
 
+    from lasegjax import distributed
     from lasegjax.sharding import use_cpu_devices
     from lasegjax.train import train_and_evaluate
 
     use_cpu_devices(_CONFIG.value.cpu_devices)
+    try:
+        distributed.initialize(
+            _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+        )
+    except LasegError as err:
+        sys.exit(f"error: {err}")
 
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_file.split(":")[0]).stem)

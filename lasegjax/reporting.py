@@ -14,10 +14,14 @@ import numpy as np
 from absl import logging as absl_logging
 
 
-def setup_logging(workdir: Path | None) -> None:
-    """Send INFO logs to stderr and, with a workdir, to `workdir/train.log` as well."""
+def setup_logging(workdir: Path | None, quiet: bool = False) -> None:
+    """Send INFO logs to stderr and, with a workdir, to `workdir/train.log` as well.
+
+    With `quiet` (processes other than 0 of a multi-host job), only warnings and errors
+    are logged.
+    """
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
     # absl.app installs its own stderr handler on the root logger; one handler is enough.
     root.removeHandler(absl_logging.get_absl_handler())
     for handler in list(root.handlers):
@@ -63,6 +67,16 @@ class ScalarWriter:
     def close(self) -> None:
         self._tb.close()
         self._jsonl.close()
+
+
+class NullWriter:
+    """Stand-in for `ScalarWriter` on processes that write no files."""
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        del step, scalars
+
+    def close(self) -> None:
+        pass
 
 
 class Progress:

@@ -1,8 +1,10 @@
 """Training and periodic validation of the segmenter.
 
 The train step is a pure function (state, batch) -> (state, metrics), jitted once with
-the state donated. Frozen parameters pass through `jax.lax.stop_gradient`, so no
-gradient is computed for them, and optax gives them zero updates.
+explicit shardings on the device mesh and the state donated. Frozen parameters pass
+through `jax.lax.stop_gradient`, so no gradient is computed for them, and optax gives
+them zero updates. With several processes (hosts), each reads its own data shards and
+feeds its part of every batch; only process 0 writes logs, metrics and evaluation files.
 """
 
 import json
@@ -15,18 +17,21 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lasegjax import checkpointing, estimates, sharding
 from lasegjax.data.datasets import load_datasets
 from lasegjax.data.pipeline import check_image_size, train_dataset
+from lasegjax.distributed import is_primary
 from lasegjax.errors import ConfigError, LasegError
 from lasegjax.evaluation import evaluate_volumes, make_predict_fn
+from lasegjax.interrupts import StopRequest
 from lasegjax.losses import segmentation_loss
 from lasegjax.model.fusion import fusion_weights
 from lasegjax.model.segmenter import build_model
 from lasegjax.optim import FROZEN, build_optimizer, learning_rate_schedule
-from lasegjax.reporting import Progress, ScalarWriter, setup_logging
+from lasegjax.reporting import NullWriter, Progress, ScalarWriter, setup_logging
 from weights_conversion.checkpoint import apply_checkpoint_recipe, load_encoder_params
 
 
@@ -51,12 +56,17 @@ def compute_dtype(config):
     return names[config.train.dtype]
 
 
-def init_params(model, config, rng):
-    """Initialise parameters for the configured input size."""
+def sample_input(config) -> jax.ShapeDtypeStruct:
+    """Return the shape of a one-slice model input for the configured size and context."""
     height, width = check_image_size(config.data.image_size, config.model.encoder.patch_size)
     channels = 2 * config.data.context_slices + 1
-    sample = jnp.zeros((1, height, width, channels), jnp.float32)
-    return jax.jit(model.init)(rng, sample)["params"]
+    return jax.ShapeDtypeStruct((1, height, width, channels), jnp.float32)
+
+
+def init_params(model, config, rng):
+    """Initialise parameters for the configured input size (on the default device)."""
+    sample = sample_input(config)
+    return jax.jit(model.init)(rng, jnp.zeros(sample.shape, sample.dtype))["params"]
 
 
 def load_encoder_checkpoint(config, params):
@@ -79,23 +89,59 @@ def load_encoder_checkpoint(config, params):
     return load_encoder_params(config, params)
 
 
-def create_train_state(config, model, rng):
-    """Return (state, tx, labels) with freshly initialised parameters and optimizer state."""
-    init_rng, state_rng = jax.random.split(rng)
-    params = init_params(model, config, init_rng)
-    params = load_encoder_checkpoint(config, params)
-    tx, labels = build_optimizer(config, params)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+def abstract_train_state(config, model, rng):
+    """Return (init function, abstract state, tx, labels) without allocating any array.
+
+    The init function maps nothing to a freshly initialised `TrainState`.
+    """
+    sample = sample_input(config)
+    params_shape = jax.eval_shape(model.init, rng, sample)["params"]
+    tx, labels = build_optimizer(config, params_shape)
+    rng = np.asarray(jax.random.key_data(rng)) if _is_typed_key(rng) else np.asarray(rng)
+
+    def init_state():
+        init_rng, state_rng = jax.random.split(jnp.asarray(rng))
+        params = model.init(init_rng, jnp.zeros(sample.shape, sample.dtype))["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+        )
+
+    return init_state, jax.eval_shape(init_state), tx, labels
+
+
+def _is_typed_key(rng) -> bool:
+    return jnp.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key)
+
+
+def create_train_state(config, model, rng, mesh=None):
+    """Return (state, tx, labels) with fresh parameters and optimizer state on `mesh`.
+
+    Each array is created directly in its shards (`sharding.tree_shardings`), so no
+    device ever holds the whole state. Converted encoder weights, if configured, are
+    placed into the same shards from host memory.
+    """
+    mesh = mesh or sharding.make_mesh(config.get("mesh"))
+    init_state, abstract, tx, labels = abstract_train_state(config, model, rng)
+    shardings = sharding.tree_shardings(abstract, mesh)
+    state = jax.jit(init_state, out_shardings=shardings)()
+    # Loaded weights arrive as host (NumPy) arrays; the rest stay where they are.
+    params = jax.tree.map(
+        lambda value, target: (
+            value
+            if isinstance(value, jax.Array)
+            else sharding.global_array_from_host(value, target)
+        ),
+        load_encoder_checkpoint(config, state.params),
+        shardings.params,
     )
-    return state, tx, labels
+    return state.replace(params=params), tx, labels
 
 
-def make_train_step(model, tx, labels, config, mesh):
+def make_train_step(model, tx, labels, config, mesh, state_shardings):
     """Return the jitted train step; the input state's buffers are donated to the output.
 
-    The batch is split over the mesh's data axis and the state is replicated, so XLA
-    averages the gradients across devices.
+    The batch is split over the mesh's data and fsdp axes and the state laid out by
+    `state_shardings`; XLA inserts the gradient reductions and parameter gathers.
     """
     train_config = config.train
     schedule = learning_rate_schedule(train_config)
@@ -128,11 +174,10 @@ def make_train_step(model, tx, labels, config, mesh):
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    state_sharding = sharding.replicated(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, state_sharding),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
 
@@ -167,8 +212,9 @@ def _log_step(step, metrics, progress, writer, fusion_taps):
 
 
 def _evaluate(predict_fn, params, volumes, config, workdir, step, writer):
+    """Validate on every volume; every process predicts, process 0 writes the files."""
     start = time.perf_counter()
-    output_dir = workdir / "eval" / f"step_{step:07d}"
+    output_dir = workdir / "eval" / f"step_{step:07d}" if is_primary() else None
     summary, rows = evaluate_volumes(predict_fn, params, volumes, config, output_dir, step)
     per_case = ", ".join(f"{r['case']} {r.get('dice', float('nan')):.3f}" for r in rows)
     logging.info(
@@ -185,52 +231,110 @@ def _evaluate(predict_fn, params, volumes, config, workdir, step, writer):
     return summary
 
 
+def _check_loss_finite(metrics, step: int, last_saved, directory) -> None:
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the training loss is {loss} at step {step}; stopping without saving. The last "
+            f"good checkpoint is step {last_saved} in {directory}, and it is kept. Lower "
+            "train.learning_rate or check the input data for bad values"
+        )
+
+
+def data_shards(config) -> tuple[int, list[int]]:
+    """Return (number of data shards, the shards this process reads)."""
+    processes, index = jax.process_count(), jax.process_index()
+    num_shards = config.data.get("shards", 0) or processes
+    if num_shards % processes:
+        raise ConfigError(
+            f"data.shards is {num_shards}, which does not split evenly over {processes} "
+            f"processes; use a multiple of {processes}, or 0 for one shard per process"
+        )
+    if config.train.batch_size % num_shards:
+        raise ConfigError(
+            f"train.batch_size {config.train.batch_size} does not split evenly over "
+            f"{num_shards} data shards; use a multiple of {num_shards}"
+        )
+    per_process = num_shards // processes
+    return num_shards, list(range(index * per_process, (index + 1) * per_process))
+
+
+def _global_batch(local_batch: dict, batch_sharding) -> dict:
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding, value)
+        for key, value in local_batch.items()
+    }
+
+
+def _abstract_batch(config, batch_sharding) -> dict:
+    sample = sample_input(config)
+    batch = config.train.batch_size
+    return {
+        "image": jax.ShapeDtypeStruct(
+            (batch, *sample.shape[1:]), jnp.float32, sharding=batch_sharding
+        ),
+        "mask": jax.ShapeDtypeStruct(
+            (batch, *sample.shape[1:3], 1), jnp.float32, sharding=batch_sharding
+        ),
+    }
+
+
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Train the model in `config`, validating and checkpointing into `workdir`.
 
-    A run restarted in the same workdir resumes from its latest checkpoint. Returns the
-    final validation summary, with the best validation Dice and its step.
+    A run restarted in the same workdir resumes from its latest checkpoint, on the same or
+    another mesh. Returns the final validation summary, with the best validation Dice and
+    its step.
     """
     workdir = Path(workdir)
-    setup_logging(workdir)
+    primary = is_primary()
+    setup_logging(workdir if primary else None, quiet=not primary)
     # Before the config is saved and the model built, so both use the checkpoint's resize.
     apply_checkpoint_recipe(config)
-    save_resolved_config(config, workdir)
+    if primary:
+        save_resolved_config(config, workdir)
     logging.info(
-        "Workdir: %s. JAX backend: %s, %d device(s).",
+        "Workdir: %s. JAX backend: %s, %d device(s) in %d process(es).",
         workdir.absolute(),
         jax.default_backend(),
         jax.device_count(),
+        jax.process_count(),
     )
 
     jax.config.update("jax_default_prng_impl", config.prng_impl)
     dtype = compute_dtype(config)
     model = build_model(config.model, dtype)
     estimates.log_estimate(config, model)
-    train_volumes, val_volumes = load_datasets(config, workdir)
-
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config.get("mesh"))
+    sharding.log_mesh(mesh)
     sharding.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    num_shards, shards = data_shards(config)
+    train_volumes, val_volumes = load_datasets(config, workdir, num_shards, shards)
+
     rng = jax.random.PRNGKey(config.seed)
-    state, tx, labels = create_train_state(config, model, rng)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    data_iter = iter(
-        train_dataset(train_volumes, config.data, config.train.batch_size, seed=config.seed)
-    )
+    state, tx, labels = create_train_state(config, model, rng, mesh)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    logging.info(sharding.describe_shardings(state.params, state_shardings.params) + ".")
     manager = checkpointing.make_manager(workdir / "checkpoints", config.train.keep_checkpoints)
-    latest = manager.latest_step()
+    latest, state = checkpointing.restore_latest(manager, state)
     if latest is not None:
-        state = checkpointing.restore(manager, latest, state, data_iter)
         logging.info("Resumed from the checkpoint at step %d in %s.", latest, manager.directory)
 
-    train_step = make_train_step(model, tx, labels, config, mesh)
-    predict_fn = make_predict_fn(model, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    writer = ScalarWriter(workdir)
+    train_step = make_train_step(model, tx, labels, config, mesh, state_shardings)
+    train_step = estimates.compile_and_report(
+        train_step, state, _abstract_batch(config, batch_sharding), mesh=mesh
+    )
+    predict_fn = make_predict_fn(model, mesh)
+    start_step = int(state.step)
+    local_batch = config.train.batch_size // jax.process_count()
+    data_iter = iter(
+        train_dataset(train_volumes, config.data, local_batch, config.seed, start_step)
+    )
+    writer = ScalarWriter(workdir) if primary else NullWriter()
     num_steps = config.train.num_steps
     stop_at = config.train.get("stop_at_step", 0) or num_steps
-    start_step = int(state.step)
     progress = Progress(start_step, num_steps)
     fusion_taps = model.encoder.taps
     summary = {}
@@ -238,30 +342,42 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
     logging.info("Training from step %d to %d.", start_step, num_steps)
     step = start_step
+    train_config = config.train
     try:
-        while step < min(num_steps, stop_at):
-            batch = jax.device_put(next(data_iter), batch_sharding)
-            state, metrics = train_step(state, batch)
-            step += 1
-            if step % config.train.log_every == 0 or step == num_steps or step == start_step + 1:
-                scalars = _log_step(step, metrics, progress, writer, fusion_taps)
-                if not math.isfinite(scalars["loss"]):
-                    raise NonFiniteLossError(
-                        f"the training loss is {scalars['loss']} at step {step}; stopping. The "
-                        f"last good checkpoint is step {last_saved} in {manager.directory}. "
-                        "Lower train.learning_rate or check the input data for bad values"
+        with StopRequest() as stop:
+            while step < min(num_steps, stop_at):
+                batch = _global_batch(next(data_iter), batch_sharding)
+                state, metrics = train_step(state, batch)
+                step += 1
+                stopping = stop.requested()
+                due_log = step % train_config.log_every == 0 or step in (num_steps, start_step + 1)
+                due_eval = step % train_config.eval_every == 0 or step == num_steps
+                due_save = step % train_config.checkpoint_every == 0 or step == stop_at
+                if due_log:
+                    _log_step(step, metrics, progress, writer, fusion_taps)
+                if due_log or due_eval or due_save or stopping:
+                    # Never save parameters that a non-finite loss may have corrupted.
+                    _check_loss_finite(metrics, step, last_saved, manager.directory)
+                if due_eval:
+                    summary = _evaluate(
+                        predict_fn, state.params, val_volumes, config, workdir, step, writer
                     )
-            if step % config.train.eval_every == 0 or step == num_steps:
-                summary = _evaluate(
-                    predict_fn, state.params, val_volumes, config, workdir, step, writer
-                )
-                checkpointing.save(
-                    manager, step, state, data_iter, {"val_dice": summary["dice"]}, force=True
-                )
-                last_saved = step
-            elif step % config.train.checkpoint_every == 0 or step == stop_at:
-                checkpointing.save(manager, step, state, data_iter, force=True)
-                last_saved = step
+                    metrics_to_save = {"val_dice": summary["dice"]}
+                    checkpointing.save(manager, step, state, metrics_to_save, force=True)
+                    last_saved = step
+                elif due_save or stopping:
+                    checkpointing.save(manager, step, state, force=True)
+                    last_saved = step
+                if stopping:
+                    logging.warning(
+                        "Stopped by %s at step %d; the checkpoint is saved in %s. Run the same "
+                        "command again to resume.",
+                        stop.signal_name or "a signal on another process",
+                        step,
+                        manager.directory,
+                    )
+                    summary = dict(summary, stopped_at_step=step)
+                    break
     finally:
         writer.close()
         manager.wait_until_finished()
@@ -274,6 +390,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
         if best_metrics:
             result["best_dice"] = best_metrics["val_dice"]
         logging.info("Best validation Dice %s at step %d.", result.get("best_dice"), best_step)
-    (workdir / "result.json").write_text(json.dumps(result, indent=2))
+    if primary:
+        (workdir / "result.json").write_text(json.dumps(result, indent=2))
     manager.close()
     return result

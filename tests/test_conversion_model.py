@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import flax
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,7 +84,7 @@ def randomized_params(model, config, seed: int):
 
 
 def write_workdir(workdir, config, params, step: int = 7):
-    """Lay out `workdir` as training does: config.json and an orbax manager with state and data_iter."""
+    """Lay out `workdir` as training does: config.json and an orbax manager with the train state."""
     workdir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(config, workdir)
     tx, _ = build_optimizer(config, params)
@@ -95,9 +94,8 @@ def write_workdir(workdir, config, params, step: int = 7):
         opt_state=tx.init(params),
         rng=jax.random.PRNGKey(0),
     )
-    data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
     manager = checkpointing.make_manager(workdir / "checkpoints", keep=2)
-    checkpointing.save(manager, step, state, data_iter, force=True)
+    checkpointing.save(manager, step, state, force=True)
     manager.close()
 
 

@@ -160,20 +160,41 @@ def test_train_dataset_same_seed_same_batches():
         np.testing.assert_array_equal(next(first)["image"], next(second)["image"])
 
 
-def test_train_dataset_iterator_state_resumes():
+def test_train_dataset_start_step_resumes():
     volumes = prepared_list()
     reference = iter(train_dataset(volumes, data_config(), batch_size=4, seed=0))
-    next(reference)
-    state = reference.get_state()
-    expected = next(reference)["image"]
-    resumed = iter(train_dataset(volumes, data_config(), batch_size=4, seed=0))
-    resumed.set_state(state)
-    np.testing.assert_array_equal(next(resumed)["image"], expected)
+    expected = [next(reference)["image"] for _ in range(7)]
+    resumed = iter(train_dataset(volumes, data_config(), batch_size=4, seed=0, start_step=5))
+    np.testing.assert_array_equal(next(resumed)["image"], expected[5])
+    np.testing.assert_array_equal(next(resumed)["image"], expected[6])
+
+
+def test_train_dataset_shards_concatenate():
+    volumes = prepared_list(4)
+    shards = {0: volumes[0::2], 1: volumes[1::2]}
+    both = next(iter(train_dataset(shards, data_config(), batch_size=4, seed=0)))
+    first = next(iter(train_dataset({0: shards[0]}, data_config(), batch_size=2, seed=0)))
+    second = next(iter(train_dataset({1: shards[1]}, data_config(), batch_size=2, seed=0)))
+    np.testing.assert_array_equal(both["image"][:2], first["image"])
+    np.testing.assert_array_equal(both["image"][2:], second["image"])
+
+
+def test_train_dataset_shards_differ():
+    volumes = prepared_list(2)
+    first = next(iter(train_dataset({0: volumes}, data_config(), batch_size=4, seed=0)))
+    second = next(iter(train_dataset({1: volumes}, data_config(), batch_size=4, seed=0)))
+    assert not np.array_equal(first["image"], second["image"])
+
+
+def test_train_dataset_rejects_uneven_shard_batch():
+    volumes = prepared_list(2)
+    with pytest.raises(ConfigError, match="does not split evenly over its 2 data shards"):
+        train_dataset({0: volumes[:1], 1: volumes[1:]}, data_config(), batch_size=3, seed=0)
 
 
 def test_train_dataset_rejects_batch_larger_than_data():
     volumes = prepared_list(1)
-    with pytest.raises(ConfigError, match="train.batch_size 64 exceeds the 6 training slices"):
+    with pytest.raises(ConfigError, match="batch of 64 slices exceeds the 6 training slices"):
         train_dataset(volumes, data_config(), batch_size=64, seed=0)
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -202,7 +201,7 @@ def load_encoder_params(config, params: dict) -> dict:
         logging.info("Loaded the first %d of the %d blocks in %s.", depth, spec.depth, path)
     new_params = dict(params)
     new_params["encoder"] = flax.traverse_util.unflatten_dict(
-        {k: jnp.asarray(v, dtype=current[k].dtype) for k, v in loaded.items()}, sep="/"
+        {k: np.asarray(v, dtype=current[k].dtype) for k, v in loaded.items()}, sep="/"
     )
     logging.info(
         "Loaded DINOv2 %s encoder weights from %s (position-embedding resize: %s).",

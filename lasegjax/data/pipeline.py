@@ -10,6 +10,7 @@ and the iterator state alone is enough to resume.
 
 import dataclasses
 import logging
+import sys
 
 import grain
 import numpy as np
@@ -154,6 +155,8 @@ def prepare_volume(volume: Volume, data_config) -> PreparedVolume:
     if volume.mask is not None:
         label = (volume.mask > 0).astype(np.uint8)
         masks = fit_stack(np.moveaxis(label, axis, 0), size, data_config.fit, is_mask=True)
+        if data_config.fit == "pad":
+            _warn_if_crop_cuts_label(volume, label, masks, stack.shape[1:], size)
     return PreparedVolume(
         case_id=volume.case_id,
         images=np.ascontiguousarray(fit_stack(stack, size, data_config.fit, is_mask=False)),
@@ -164,6 +167,22 @@ def prepare_volume(volume: Volume, data_config) -> PreparedVolume:
         affine=np.asarray(volume.affine, dtype=np.float64),
         image_path=volume.image_path,
     )
+
+
+def _warn_if_crop_cuts_label(volume: Volume, label, masks, slice_shape, size) -> None:
+    # Padding and cropping copy voxels unchanged, so any label count lost was cropped away.
+    # Predictions there are restored as background, so evaluation counts them as misses.
+    lost = int(label.sum()) - int(masks.sum())
+    if lost > 0:
+        logging.warning(
+            "%s: data.fit=pad crops %dx%d slices to %dx%d and cuts off %d of %d labelled "
+            "voxels. Set data.fit=resize, or a data.image_size of at least the slice size.",
+            volume.case_id,
+            *slice_shape,
+            *size,
+            lost,
+            int(label.sum()),
+        )
 
 
 def restore_volume(probabilities: np.ndarray, prepared: PreparedVolume, fit: str) -> np.ndarray:
@@ -264,36 +283,91 @@ def _as_example(example: dict) -> dict:
     }
 
 
-def train_dataset(volumes: list[PreparedVolume], data_config, batch_size: int, seed: int):
-    """Return an endless, shuffled, augmented grain `IterDataset` of training batches.
+def shard_seed(seed: int, shard: int, stream: int) -> int:
+    """Return an independent 32-bit seed for one random stream of one data shard."""
+    return int(np.random.SeedSequence([seed, shard, stream]).generate_state(1)[0])
 
-    Each batch is a dict with float32 "image" (batch_size, H, W, 2 * data.context_slices + 1)
-    and "mask" (batch_size, H, W, 1). Every
-    epoch is reshuffled and re-augmented with seeds derived from `seed` and the epoch.
+
+def shard_batches(volumes: list[PreparedVolume], data_config, batch_size: int, seed: int, shard=0):
+    """Return an endless grain `MapDataset` whose item k is batch k of one data shard.
+
+    Each epoch is reshuffled and re-augmented with seeds derived from `seed`, the shard and
+    the epoch, so batch k is the same whatever process reads it and whenever.
     """
     source = SliceSource(volumes, data_config.context_slices)
     if len(source) < batch_size:
         raise ConfigError(
-            f"train.batch_size {batch_size} exceeds the {len(source)} training slices; "
-            "lower the batch size or add volumes"
+            f"the per-shard batch of {batch_size} slices exceeds the {len(source)} training "
+            f"slices of data shard {shard}; lower train.batch_size, data.shards, or add volumes"
         )
-    dataset = grain.MapDataset.source(source).shuffle(seed=seed)
+    dataset = grain.MapDataset.source(source).shuffle(seed=shard_seed(seed, shard, 0))
     aug = data_config.augment
     if aug.enabled:
         dataset = dataset.random_map(
-            lambda example, rng: augment_slice(example, rng, aug), seed=seed + 1
+            lambda example, rng: augment_slice(example, rng, aug), seed=shard_seed(seed, shard, 1)
         )
     else:
         dataset = dataset.map(_as_example)
-    dataset = dataset.batch(batch_size, drop_remainder=True).repeat()
+    return dataset.batch(batch_size, drop_remainder=True).repeat()
+
+
+class _ConcatenatedBatches:
+    """Random access to batches built by concatenating batch k of several shards."""
+
+    def __init__(self, datasets: list):
+        self._datasets = datasets
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> dict:
+        parts = [dataset[index] for dataset in self._datasets]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def train_dataset(
+    volumes, data_config, batch_size: int, seed: int, start_step: int = 0
+) -> grain.IterDataset:
+    """Return an endless grain `IterDataset` of this process's training batches.
+
+    Args:
+      volumes: The volumes of one data shard, or a dict {shard index: volumes} of the
+        shards this process reads. Each shard contributes `batch_size / len(shards)` slices
+        to every batch, in shard order.
+      batch_size: Slices per batch on this process.
+      start_step: Index of the first batch; a resumed run starts at its step, so the
+        position in the data needs no checkpoint of its own.
+
+    Each batch is a dict with float32 "image" (batch_size, H, W, 2 * data.context_slices + 1)
+    and "mask" (batch_size, H, W, 1).
+    """
+    shards = volumes if isinstance(volumes, dict) else {0: volumes}
+    if batch_size % len(shards):
+        raise ConfigError(
+            f"the batch of {batch_size} slices per process does not split evenly over its "
+            f"{len(shards)} data shards; make train.batch_size a multiple of data.shards"
+        )
+    per_shard = batch_size // len(shards)
+    datasets = [
+        shard_batches(shard_volumes, data_config, per_shard, seed, shard)
+        for shard, shard_volumes in sorted(shards.items())
+    ]
+    dataset = (
+        datasets[0]
+        if len(datasets) == 1
+        else grain.MapDataset.source(_ConcatenatedBatches(datasets))
+    )
     read_options = grain.ReadOptions(
         num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch
     )
+    slices = sum(len(SliceSource(v)) for v in shards.values())
     logging.info(
-        "Training data: %d slices from %d volumes, %d batches of %d per epoch.",
-        len(source),
-        len(volumes),
-        len(source) // batch_size,
+        "Training data on this process: %d slices from %d volumes in data shard(s) %s, "
+        "batches of %d starting at batch %d.",
+        slices,
+        sum(len(v) for v in shards.values()),
+        sorted(shards),
         batch_size,
+        start_step,
     )
-    return dataset.to_iter_dataset(read_options)
+    return dataset[start_step:].to_iter_dataset(read_options)

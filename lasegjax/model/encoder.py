@@ -48,6 +48,44 @@ def default_taps(depth: int, count: int = 4) -> tuple[int, ...]:
     return tuple(int(round(depth * (i + 1) / count)) - 1 for i in range(count))
 
 
+# Rematerialisation policies (`jax.checkpoint_policies`): what each block keeps from the
+# forward pass for the backward pass; everything else is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every intermediate
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # also keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def make_block_fn(block: "Block", remat_policy: str):
+    """Return (params, x) -> block output, rematerialised under `remat_policy`."""
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat policy {remat_policy!r} is invalid: use one of {sorted(REMAT_POLICIES)}"
+        )
+
+    def apply_block(params, x):
+        return block.apply({"params": params}, x)
+
+    if remat_policy == "none":
+        return apply_block
+    return jax.checkpoint(apply_block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+
+
+def run_blocks(apply_block, block_params: list, x, scan: bool):
+    """Apply blocks in order, as a Python loop or as one scan over their stacked parameters."""
+    if not block_params:
+        return x
+    if not scan or len(block_params) == 1:
+        for params in block_params:
+            x = apply_block(params, x)
+        return x
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *block_params)
+    x, _ = jax.lax.scan(lambda carry, params: (apply_block(params, carry), None), x, stacked)
+    return x
+
+
 class LayerScale(nn.Module):
     """Per-channel learnable scaling of a residual branch (`gamma`, as in CaiT and DINOv2)."""
 
@@ -183,6 +221,10 @@ class DinoV2Encoder(nn.Module):
         factor (0.1 for torch-hub DINOv2 without registers). With 0, the target size is
         passed directly, as Hugging Face and the register models do.
       interpolate_antialias: torch's `antialias` flag for the position-embedding resize.
+      scan_blocks: Run each run of blocks between two taps as one `jax.lax.scan` over the
+        blocks' stacked parameters, so XLA compiles one block instead of `depth`. The
+        parameters stay stored per block (`blocks_N`).
+      remat_policy: Rematerialisation of each block in the backward pass (`REMAT_POLICIES`).
     """
 
     width: int
@@ -199,6 +241,8 @@ class DinoV2Encoder(nn.Module):
     norm_taps: bool = True
     interpolate_offset: float = 0.1
     interpolate_antialias: bool = False
+    scan_blocks: bool = False
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -267,24 +311,33 @@ class DinoV2Encoder(nn.Module):
         final_norm = nn.LayerNorm(
             epsilon=1e-6, dtype=jnp.float32, param_dtype=self.param_dtype, name="norm"
         )
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_hidden=self.mlp_hidden,
+            mlp=self.mlp,
+            layerscale_init=self.layerscale_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        if self.is_initializing():
+            # Parameter shapes do not depend on the token count, so one token per image is
+            # enough to create them. The blocks then run on the real tokens below.
+            for index in range(self.depth):
+                Block(**block_kwargs, name=f"blocks_{index}")(x[:, :1])
+        block_params = [self.variables["params"][f"blocks_{index}"] for index in range(self.depth)]
+        apply_block = make_block_fn(Block(**block_kwargs, parent=None), self.remat_policy)
+
         prefix = 1 + self.num_registers
         outputs = []
-        # Blocks after the last tap do not change the outputs, and jit removes them as dead
-        # code. They are still built, so every checkpoint key has a parameter.
-        for index in range(self.depth):
-            x = Block(
-                self.num_heads,
-                self.mlp_hidden,
-                self.mlp,
-                self.layerscale_init,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"blocks_{index}",
-            )(x)
-            if index in taps:
-                out = final_norm(x) if self.norm_taps else x
-                patches = out[:, prefix:].astype(self.dtype)
-                outputs.append(patches.reshape(batch, grid_h, grid_w, self.width))
-        if not self.norm_taps:
+        start = 0
+        # Blocks after the last tap do not change the outputs, so they are not run. They
+        # still have parameters, so every checkpoint key maps to one.
+        for tap in sorted(taps):
+            x = run_blocks(apply_block, block_params[start : tap + 1], x, self.scan_blocks)
+            start = tap + 1
+            out = final_norm(x) if self.norm_taps else x
+            patches = out[:, prefix:].astype(self.dtype)
+            outputs.append(patches.reshape(batch, grid_h, grid_w, self.width))
+        if not self.norm_taps and self.is_initializing():
             final_norm(x)
         return outputs

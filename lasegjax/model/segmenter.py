@@ -59,6 +59,8 @@ def build_model(model_config: ml_collections.ConfigDict, dtype=jnp.float32) -> S
         norm_taps=enc.norm_taps,
         interpolate_offset=enc.interpolate_offset,
         interpolate_antialias=enc.interpolate_antialias,
+        scan_blocks=enc.get("scan", False),
+        remat_policy=enc.get("remat", "none"),
         dtype=dtype,
         name="encoder",
     )
