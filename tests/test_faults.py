@@ -18,6 +18,7 @@ from tests.scripts.tiny_training import tiny_training_config
 
 
 def test_stop_request_second_signal_aborts():
+    previous = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
         assert not stop.requested()
         os.kill(os.getpid(), signal.SIGINT)
@@ -25,7 +26,7 @@ def test_stop_request_second_signal_aborts():
         assert stop.signal_name == "SIGINT"
         with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_sigterm_saves_checkpoint_and_next_run_resumes(tmp_path):
