@@ -15,8 +15,8 @@ split), then measures three rates for the configured batch:
 
 With `--step_time S`, steps 2 and 3 are skipped and the model consumes
 `batch_size / S` slices per second. The pipeline keeps up when its rate alone is at least
-the step's. The third rate shows what feeding the step costs on a machine where the
-pipeline's threads and XLA share the cores; the table also gives the CPU time of each.
+the step's. The third rate shows what feeding the step costs when the pipeline's threads
+and XLA share the cores. The table also gives the CPU time of each measurement.
 """
 
 import argparse

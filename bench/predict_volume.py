@@ -3,14 +3,15 @@
   python bench/predict_volume.py
   python bench/predict_volume.py --workdir runs/demo_la --input scan.nii.gz
 
-Each timed call is `lasegjax.predict.predict_file`, the per-file work of the command line:
-read the NIfTI, prepare the slices, predict them in batches of `--batch_size`, map the
-probabilities back onto the voxel grid, threshold, keep the largest connected component
-and write the mask. For each test-time augmentation mode (`none`, then `flip`) a new
-`Predictor` is built, so its first call includes compiling the predict program; that call
-is reported apart from the median of `--repeats` later calls. The model column times
-`evaluation.predict_slices` alone on the prepared slices (all flips), and the rest is
-reading, preparation, post-processing and writing.
+Each timed call is `lasegjax.predict.predict_file`, the per-file work of the command line.
+It reads the NIfTI, prepares the slices and predicts them in batches of `--batch_size`.
+Then it maps the probabilities back onto the voxel grid, thresholds them, keeps the
+largest connected component and writes the mask. Each test-time augmentation mode
+(`none`, then `flip`) gets a new `Predictor`, so its first call includes compiling the
+predict program. That call is reported apart from the median of `--repeats` later calls.
+The model columns add up the time spent inside the predict function during a call
+(copies to and from the devices included); the rest is reading, preparation,
+restoring, post-processing and writing.
 
 The weights come from `--workdir` (a training run, restored as the command line does).
 Without it, the model of `--config` gets random parameters (`--init random`, the default)

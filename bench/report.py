@@ -92,7 +92,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
         "--max_wait",
         type=float,
         default=180.0,
-        help="longest wait for the load to drop, in seconds; 0 measures at once (default 180)",
+        help="maximum wait for the load to drop, in seconds; 0 measures at once (default 180)",
     )
 
 
@@ -211,8 +211,8 @@ def speed_probe_ms(repeats: int = 3) -> float:
     """Return the median milliseconds of a fixed pure-Python loop on one core.
 
     Other virtual machines on the same host can slow this one down without showing in
-    its /proc/stat, so a probe before and after a benchmark tells whether the machine
-    itself was slower than usual.
+    its /proc/stat. Comparing the probe between runs shows whether the machine itself
+    was slower than usual.
     """
     times = []
     for _ in range(repeats):

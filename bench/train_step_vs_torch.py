@@ -204,7 +204,7 @@ class FlaxTrainer:
         self.last_loss = float(jax.block_until_ready(metrics)["loss"])
 
     def counts(self) -> tuple[int, int]:
-        """Return (trainable parameters, of which weight-decayed) as the optimizer sees them."""
+        """Return (trainable parameters, of which weight-decayed) under the optimizer's labels."""
         import jax
 
         from lasegjax.optim import TRAINABLE, path_string
@@ -390,6 +390,8 @@ class TorchTrainer:
         return train.bce_weight * bce + train.dice_weight * dice
 
     def train_step(self, batch: dict) -> None:
+        # NOTE: the Flax step also returns parameter and update norms and the fusion
+        # weights for its log, which this step does not compute; the cost is not measured.
         rate = self._rates[self.step_count]
         for group in self.optimizer.param_groups:
             group["lr"] = rate
@@ -475,8 +477,8 @@ def time_alternating(
 
     `functions` and `inputs` map a name to a callable and to the list of arguments it
     cycles through. A block during which other processes kept more than `max_other` cores
-    busy is run again after a pause and its last run is kept, for at most `retries` blocks
-    in all, so that a busy machine cannot stretch the run without bound.
+    busy is run again after a pause, and its last run is kept. At most `retries` blocks
+    run again in all, so a busy machine cannot stretch the run without bound.
     """
     names = list(functions)
     times = {name: [] for name in names}
