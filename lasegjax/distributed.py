@@ -35,9 +35,9 @@ def initialize(
     """Join the multi-process job, if there is one; call before any other JAX call.
 
     Args:
-      mode: "auto" joins when a coordinator address is given or `cluster_detected()`;
-        "on" always calls `jax.distributed.initialize` (for TPU pods whose environment
-        has no marker); "off" never does.
+      mode: "auto" joins when a coordinator address is given or `cluster_detected()`.
+        "on" always calls `jax.distributed.initialize`, for TPU pods whose environment
+        has no marker. "off" never joins.
       coordinator_address, num_processes, process_id: Passed to JAX when set.
     """
     if mode not in ("auto", "on", "off"):

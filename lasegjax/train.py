@@ -116,9 +116,9 @@ def _is_typed_key(rng) -> bool:
 def create_train_state(config, model, rng, mesh=None):
     """Return (state, tx, labels) with fresh parameters and optimizer state on `mesh`.
 
-    Each array is created directly in its shards (`sharding.tree_shardings`), so no
-    device ever holds the whole state. Converted encoder weights, if configured, are
-    placed into the same shards from host memory.
+    Each array is created directly in its shards (`sharding.tree_shardings`), so a
+    device stores only its own shards of the state. Converted encoder weights, if
+    configured, are placed into the same shards from host memory.
     """
     mesh = mesh or sharding.make_mesh(config.get("mesh"))
     init_state, abstract, tx, labels = abstract_train_state(config, model, rng)
