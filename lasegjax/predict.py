@@ -1,12 +1,14 @@
-"""Segment the left atrium in NIfTI volumes with a trained model, writing one mask per volume.
+"""Segment the left atrium in NIfTI or NRRD volumes with a trained model, one mask per volume.
 
   python -m lasegjax.predict --workdir runs/demo --input scans/ --output masks/
 
 The model, its input size and the preprocessing come from the training run's
 `config.json`, the parameters from its `checkpoints/` folder. Each volume is cut into
 slices along the axis chosen at training time, predicted in batches, and mapped back onto
-its own voxel grid. The mask is written as uint8 {0, 1} with the input's qform, sform and
-their codes, so it lines up with the image in ITK-SNAP, 3D Slicer and nibabel.
+its own voxel grid. The mask is written as a uint8 {0, 1} NIfTI file with the input's
+qform, sform and their codes, so it lines up with the image in ITK-SNAP, 3D Slicer and
+nibabel. An NRRD input's mask gets the input's geometry as a RAS+ affine (qform and sform
+code 1, scanner), so it lines up with the NRRD image in the same viewers.
 """
 
 import argparse
@@ -26,8 +28,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lasegjax import checkpointing, evaluation, sharding
 from lasegjax.config import base_config
 from lasegjax.data import volume_io
-from lasegjax.data.nifti_files import case_name, is_nifti, list_nifti_files, load_nifti
+from lasegjax.data.nifti_files import NIFTI_SUFFIXES, case_name, is_nifti, load_nifti
 from lasegjax.data.pipeline import prepare_volume, restore_volume
+from lasegjax.data.readers import LASC2018_IMAGE_NAME
 from lasegjax.data.volume import Volume
 from lasegjax.errors import CheckpointError, ConfigError, DataError, LasegError
 from lasegjax.model.segmenter import build_model
@@ -35,6 +38,8 @@ from lasegjax.reporting import setup_logging
 from lasegjax.train import compute_dtype
 
 OUTPUT_SUFFIX = ".nii.gz"
+NRRD_SUFFIX = ".nrrd"
+INPUT_SUFFIXES = (*NIFTI_SUFFIXES, NRRD_SUFFIX)
 TTA_MODES = ("none", "flip")
 # Axes of a (Z, H, W) slice stack flipped by `--tta flip`: the identity, then each in-plane
 # axis. Training augments with the same flips, so the model has seen flipped anatomy.
@@ -42,9 +47,11 @@ FLIP_AXES = ((), (1,), (2,))
 
 _EPILOG = f"""\
 outputs:
-  For each input <name>.nii or <name>.nii.gz, writes <output>/<name>{OUTPUT_SUFFIX}: a uint8
-  mask (1 = left atrium) on the input's voxel grid, with the input's qform, sform and their
-  codes. An existing output file is an error unless --overwrite is given, and an output that
+  For each input <name>.nii, <name>.nii.gz or <name>.nrrd, writes <output>/<name>{OUTPUT_SUFFIX}:
+  a uint8 mask (1 = left atrium) on the input's voxel grid. A NIfTI input's qform, sform and
+  their codes are copied. An NRRD input's space directions and origin become the affine
+  (converted to RAS+), stored as qform and sform with code 1. A LASC2018 image
+  <case>/{LASC2018_IMAGE_NAME} is named after its case folder. An existing output file is an error unless --overwrite is given, and an output that
   would replace an input image is always an error. Files are written to a temporary name
   and renamed, so an interrupted run leaves no partial mask.
 
@@ -57,7 +64,8 @@ test-time augmentation:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lasegjax.predict",
-        description="Segment the left atrium in NIfTI volumes with a trained lasegjax model.",
+        description="Segment the left atrium in NIfTI or NRRD volumes with a trained lasegjax "
+        "model.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--input",
         required=True,
         type=Path,
-        help="a NIfTI image (.nii or .nii.gz) or a folder of them (not searched recursively)",
+        help="a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) image, or a folder of them (not searched "
+        "recursively)",
     )
     parser.add_argument(
         "--output", required=True, type=Path, help="folder for the masks; created if missing"
@@ -113,26 +122,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def is_input_image(path: Path) -> bool:
+    return path.name.endswith(INPUT_SUFFIXES)
+
+
 def list_inputs(path: Path) -> list[Path]:
-    """Return the NIfTI file `path`, or the NIfTI files directly inside the folder `path`."""
+    """Return the image file `path`, or the NIfTI and NRRD files directly inside the folder."""
+    accepted = "a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) file"
     if not path.exists():
-        raise DataError(
-            f"input not found: {path}. Pass a NIfTI file (.nii or .nii.gz) or a folder of them"
-        )
+        raise DataError(f"input not found: {path}. Pass {accepted} or a folder of them")
     if path.is_file():
-        if not is_nifti(path):
+        if not is_input_image(path):
             raise DataError(
-                f"input {path} is not a NIfTI file: expected a name ending in .nii or .nii.gz"
+                f"input {path} is not a NIfTI or NRRD file: expected a name ending in .nii, "
+                ".nii.gz or .nrrd"
             )
         return [path]
-    return list_nifti_files(path, "--input")
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and is_input_image(p) and not p.name.startswith(".")
+    )
+    if not files:
+        raise DataError(
+            f"no NIfTI or NRRD files (.nii, .nii.gz, .nrrd) in --input {path}. Pass a folder "
+            "that contains them directly; subfolders are not searched"
+        )
+    return files
+
+
+def output_name(path: Path) -> str:
+    """Return the case name of an input: the file name without its suffix.
+
+    A LASC2018 image, <case>/lgemri.nrrd, is named after its case folder.
+    """
+    if path.name == LASC2018_IMAGE_NAME:
+        return path.resolve().parent.name
+    if path.name.endswith(NRRD_SUFFIX):
+        return path.name[: -len(NRRD_SUFFIX)]
+    return case_name(path)
+
+
+def read_input(path: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    """Return (image, RAS+ affine, NIfTI header or None) of a NIfTI or NRRD input."""
+    if is_nifti(path):
+        image, affine = volume_io.read_nifti_image(path)
+        return image, affine, load_nifti(path).header
+    image, affine = volume_io.read_nrrd_image(path)
+    return image, affine, None
 
 
 def plan_outputs(inputs: list[Path], output_dir: Path, overwrite: bool) -> list[Path]:
     """Return the output path of each input, or raise before anything is computed."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"--output {output_dir} is a file; pass a folder")
-    outputs = [output_dir / f"{case_name(path)}{OUTPUT_SUFFIX}" for path in inputs]
+    outputs = [output_dir / f"{output_name(path)}{OUTPUT_SUFFIX}" for path in inputs]
 
     first_input = {}
     for source, target in zip(inputs, outputs, strict=True):
@@ -333,14 +377,13 @@ def load_predictor(args: argparse.Namespace, config) -> Predictor:
 
 
 def predict_file(predictor: Predictor, source: Path, target: Path) -> None:
-    """Predict the mask of the NIfTI image `source` and write it to `target`."""
+    """Predict the mask of the NIfTI or NRRD image `source` and write it to `target`."""
     start = time.perf_counter()
-    image, affine = volume_io.read_nifti_image(source)
+    image, affine, header = read_input(source)
     volume = Volume(
-        case_id=case_name(source), image=image, mask=None, affine=affine, image_path=str(source)
+        case_id=output_name(source), image=image, mask=None, affine=affine, image_path=str(source)
     )
     mask = predictor(volume)
-    header = load_nifti(source).header
     evaluation.save_mask_nifti(mask, affine, target, reference_header=header)
     foreground = int(mask.sum())
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -361,8 +404,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     setup_logging(None)
     inputs = list_inputs(args.input)
     outputs = plan_outputs(inputs, args.output, args.overwrite)
+    # Read each header now, so that a corrupt file fails before the model is loaded.
     for path in inputs:
-        load_nifti(path)  # so that a corrupt header fails before the model is loaded
+        if is_nifti(path):
+            load_nifti(path)
+        else:
+            volume_io.read_nrrd_affine(path)
     config = load_run_config(args.workdir)
     try:
         sharding.use_cpu_devices(config.cpu_devices)

@@ -1,12 +1,13 @@
 """Tests of the encoder, fusion, decoder and full segmenter."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lasegjax.config import base_config
-from lasegjax.model.decoder import UNetDecoder, stage_sizes
+from lasegjax.model.decoder import Conv3x3, GroupNorm, UNetDecoder, stage_sizes
 from lasegjax.model.encoder import VIT_SIZES, DinoV2Encoder, default_taps
 from lasegjax.model.fusion import BlockFusion
 from lasegjax.model.segmenter import build_model
@@ -139,6 +140,48 @@ def test_fusion_rejects_unknown_mode():
 
 def test_decoder_stage_sizes_448():
     assert stage_sizes((32, 32), (448, 448), 4) == [(64, 64), (128, 128), (256, 256), (448, 448)]
+
+
+@pytest.mark.parametrize("channels,groups", [(8, 8), (16, 8), (32, 8), (64, 8), (4, 4)])
+def test_group_norm_matches_flax_group_norm(channels, groups):
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, channels)) + 1.5
+    ours = GroupNorm(num_groups=groups)
+    reference = nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+    params = ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, reference.init(jax.random.PRNGKey(1), x)
+    )
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    params = {
+        "params": {
+            "scale": jax.random.normal(keys[0], (channels,)),
+            "bias": jax.random.normal(keys[1], (channels,)),
+        }
+    }
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=2e-5)
+    ours_grads = jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1))(params, x)
+    reference_grads = jax.grad(lambda p, x: loss(reference, p, x), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(reference_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv3x3_over_two_inputs_equals_conv_of_concatenation():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, 16))
+    image = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 10, 1))
+    joined = jnp.concatenate([x, image], axis=-1)
+    split = Conv3x3(8)
+    reference = nn.Conv(8, (3, 3), padding="SAME", use_bias=False)
+    params = split.init(jax.random.PRNGKey(2), x, image)
+    # Same parameter name, shape and initial values as nn.Conv on the concatenation.
+    reference_params = reference.init(jax.random.PRNGKey(2), joined)
+    np.testing.assert_array_equal(params["params"]["kernel"], reference_params["params"]["kernel"])
+    np.testing.assert_allclose(
+        split.apply(params, x, image), reference.apply(params, joined), rtol=1e-5, atol=1e-5
+    )
 
 
 def decoder_stage_inputs(image_integration: bool, images):

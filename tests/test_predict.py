@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 
@@ -236,7 +237,7 @@ def test_predict_rejects_missing_input(workdir, tmp_path):
 
 def test_predict_rejects_empty_folder(workdir, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no NIfTI files"):
+    with pytest.raises(DataError, match="no NIfTI or NRRD files"):
         predict.main(
             ["--workdir", str(workdir), "--input", str(tmp_path / "empty"), "--output", "x"]
         )
@@ -252,10 +253,10 @@ def test_predict_rejects_unreadable_file(workdir, tmp_path):
         )
 
 
-def test_predict_rejects_non_nifti_file(workdir, tmp_path):
-    other = tmp_path / "scan.nrrd"
-    other.write_bytes(b"NRRD0004")
-    with pytest.raises(DataError, match="is not a NIfTI file"):
+def test_predict_rejects_other_formats(workdir, tmp_path):
+    other = tmp_path / "scan.mha"
+    other.write_bytes(b"ObjectType = Image")
+    with pytest.raises(DataError, match="is not a NIfTI or NRRD file"):
         predict.main(["--workdir", str(workdir), "--input", str(other), "--output", "x"])
 
 
@@ -318,9 +319,70 @@ def test_predict_cli_prints_one_line_error(workdir, tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: input not found: {missing}. Pass a NIfTI file (.nii or .nii.gz) or a folder "
-        "of them"
+        f"error: input not found: {missing}. Pass a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) file "
+        "or a folder of them"
     )
+
+
+def write_lps_nrrd(path, data, affine):
+    """Write `data` as NRRD in LPS world space whose geometry equals the RAS+ `affine`."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :3].T,
+        "space origin": lps[:3, 3],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrrd.write(str(path), data, header)
+
+
+@pytest.fixture(scope="module")
+def nrrd_predicted(workdir, inputs, tmp_path_factory):
+    """The oblique volume saved as a LASC2018 case, <case>/lgemri.nrrd in LPS, and its mask."""
+    source = nib.load(inputs / "oblique.nii")
+    image = tmp_path_factory.mktemp("nrrd") / "case_07" / "lgemri.nrrd"
+    write_lps_nrrd(image, np.asarray(source.dataobj), source.affine)
+    output = tmp_path_factory.mktemp("nrrd_predicted")
+    written = predict.main(
+        ["--workdir", str(workdir), "--input", str(image), "--output", str(output)]
+    )
+    return written
+
+
+def test_predict_nrrd_names_lasc2018_mask_after_case_folder(nrrd_predicted):
+    assert [p.name for p in nrrd_predicted] == ["case_07.nii.gz"]
+
+
+def test_predict_nrrd_mask_has_input_geometry(nrrd_predicted, inputs):
+    source = nib.load(inputs / "oblique.nii")
+    mask = nib.load(nrrd_predicted[0])
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    assert int(mask.header["qform_code"]) == 1
+    assert int(mask.header["sform_code"]) == 1
+
+
+def test_predict_nrrd_matches_nifti_mask(nrrd_predicted, predicted):
+    from_nifti = np.asarray(nib.load(predicted[0] / "oblique.nii.gz").dataobj)
+    np.testing.assert_array_equal(np.asarray(nib.load(nrrd_predicted[0]).dataobj), from_nifti)
+
+
+def test_predict_rejects_corrupt_nrrd_before_loading_model(tmp_path):
+    broken = tmp_path / "in" / "broken.nrrd"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG\r\n not an NRRD header")
+    # No workdir exists: the header check has to fail first.
+    with pytest.raises(DataError, match=f"{broken}"):
+        predict.main(
+            [
+                "--workdir",
+                str(tmp_path / "no_run"),
+                "--input",
+                str(broken.parent),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 def read_eval_rows(workdir):
