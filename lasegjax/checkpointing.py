@@ -114,22 +114,57 @@ def _move_unreadable(manager, step: int) -> Path:
     return target
 
 
+def open_read_only(directory: str | Path) -> ocp.CheckpointManager:
+    """Open a training run's checkpoints for reading only, with the best chosen by Dice."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"no checkpoints folder at {directory}. Pass the --workdir of a training run "
+            "that saved at least one checkpoint"
+        )
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max"
+    )
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        options=options,
+    )
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding):
+    """Restore only the parameters of the train state at `step`, each leaf with `sharding`.
+
+    Shapes and dtypes come from the checkpoint's metadata and the placement from
+    `sharding`, so a run saved on any mesh restores onto the current devices. The optimizer
+    state is not read.
+    """
+    saved = manager.item_metadata(step)["state"].tree["params"]
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), saved
+    )
+    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    args = ocp.args.PyTreeRestore(
+        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+    )
+    return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
+
 def load_params(directory: str | Path, step: int | None = None, best: bool = False):
-    """Return (step, params) from a training checkpoint folder, as a nested dict of arrays.
+    """Return (step, params) from a training checkpoint folder, on the first local device.
 
     Picks the best checkpoint by validation Dice with `best`, else `step`, else the latest.
     """
-    manager = make_manager(directory, keep=1_000_000)
-    if step is None:
-        step = manager.best_step() if best else manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {directory}")
-    # Restore onto one local device, whatever mesh the checkpoint was saved from.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-        manager.item_metadata(step).state,
-    )
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    manager.close()
-    return step, state.state["params"]
+    manager = open_read_only(directory)
+    try:
+        if step is None:
+            step = manager.best_step() if best else manager.latest_step()
+        if step is None:
+            raise CheckpointError(
+                f"no checkpoint found in {directory}. Pass the checkpoints folder of a run that "
+                "saved at least one step"
+            )
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return step, restore_params(manager, step, device)
+    finally:
+        manager.close()

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -236,25 +235,6 @@ def _merge(defaults: dict, saved: dict) -> dict:
     return merged
 
 
-def open_checkpoints(checkpoint_dir: Path) -> ocp.CheckpointManager:
-    """Open a training run's checkpoints for reading only, with the best chosen by Dice."""
-    if not checkpoint_dir.is_dir():
-        raise CheckpointError(
-            f"no checkpoints folder at {checkpoint_dir}. Pass the --workdir of a training run "
-            "that saved at least one checkpoint"
-        )
-    options = ocp.CheckpointManagerOptions(
-        read_only=True,
-        best_fn=lambda metrics: metrics[checkpointing.BEST_METRIC],
-        best_mode="max",
-    )
-    return ocp.CheckpointManager(
-        checkpoint_dir.absolute(),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-        options=options,
-    )
-
-
 def resolve_checkpoint_step(manager: ocp.CheckpointManager, choice: str | None) -> int:
     """Return the step that `--checkpoint` selects among the manager's checkpoints."""
     checkpoint_dir = manager.directory
@@ -286,26 +266,6 @@ def resolve_checkpoint_step(manager: ocp.CheckpointManager, choice: str | None) 
             f"no checkpoint at step {step} in {checkpoint_dir}; available steps: {available}"
         )
     return step
-
-
-def restore_params(manager: ocp.CheckpointManager, step: int, mesh):
-    """Restore only the parameters of the train state at `step`, replicated over `mesh`.
-
-    The target shardings come from `mesh`, not from the checkpoint, so a run trained on
-    another number of devices restores too. The optimizer state is not read.
-    """
-    saved = manager.item_metadata(step)["state"].tree["params"]
-    target = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(
-            leaf.shape, leaf.dtype, sharding=sharding.replicated(mesh)
-        ),
-        saved,
-    )
-    restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), target)
-    args = ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
-    )
-    return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
 class Predictor:
@@ -366,10 +326,10 @@ def load_predictor(args: argparse.Namespace, config) -> Predictor:
     # The only mesh of prediction: every device splits the batch of slices.
     mesh = sharding.make_mesh()
     sharding.check_batch_divisible(batch_size, mesh, "--batch_size")
-    manager = open_checkpoints(args.workdir / "checkpoints")
+    manager = checkpointing.open_read_only(args.workdir / "checkpoints")
     try:
         step = resolve_checkpoint_step(manager, args.checkpoint)
-        params = restore_params(manager, step, mesh)
+        params = checkpointing.restore_params(manager, step, sharding.replicated(mesh))
     finally:
         manager.close()
     logging.info("Restored the parameters of step %d from %s.", step, manager.directory)

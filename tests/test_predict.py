@@ -17,7 +17,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from lasegjax import metrics, predict, sharding
+from lasegjax import checkpointing, metrics, predict, sharding
 from lasegjax.data import volume_io
 from lasegjax.data.volume import Volume
 from lasegjax.errors import CheckpointError, ConfigError, DataError
@@ -177,8 +177,8 @@ def test_predict_tta_flip_averages_flipped_volumes(workdir, inputs):
     # average must match predictions of the flipped volumes, flipped back.
     config = predict.load_run_config(workdir)
     mesh = sharding.make_mesh()
-    manager = predict.open_checkpoints(workdir / "checkpoints")
-    params = predict.restore_params(manager, NUM_STEPS, mesh)
+    manager = checkpointing.open_read_only(workdir / "checkpoints")
+    params = checkpointing.restore_params(manager, NUM_STEPS, sharding.replicated(mesh))
     manager.close()
     image, affine = volume_io.read_nifti_image(inputs / "oblique.nii")
     plain = predict.Predictor(config, params, mesh, 8, "none", 0.5, False)
@@ -198,24 +198,24 @@ def test_predict_tta_flip_averages_flipped_volumes(workdir, inputs):
 
 
 def test_checkpoint_default_is_best(workdir):
-    manager = predict.open_checkpoints(workdir / "checkpoints")
+    manager = checkpointing.open_read_only(workdir / "checkpoints")
     assert predict.resolve_checkpoint_step(manager, None) == NUM_STEPS
 
 
 def test_checkpoint_selects_step(workdir):
-    manager = predict.open_checkpoints(workdir / "checkpoints")
+    manager = checkpointing.open_read_only(workdir / "checkpoints")
     assert predict.resolve_checkpoint_step(manager, str(UNVALIDATED_STEP)) == UNVALIDATED_STEP
     assert predict.resolve_checkpoint_step(manager, "latest") == NUM_STEPS
 
 
 def test_checkpoint_rejects_unknown_step(workdir):
-    manager = predict.open_checkpoints(workdir / "checkpoints")
+    manager = checkpointing.open_read_only(workdir / "checkpoints")
     with pytest.raises(CheckpointError, match="no checkpoint at step 7 .* available steps: 3, 6"):
         predict.resolve_checkpoint_step(manager, "7")
 
 
 def test_checkpoint_rejects_invalid_choice(workdir):
-    manager = predict.open_checkpoints(workdir / "checkpoints")
+    manager = checkpointing.open_read_only(workdir / "checkpoints")
     with pytest.raises(CheckpointError, match="--checkpoint 'newest' is invalid"):
         predict.resolve_checkpoint_step(manager, "newest")
 
@@ -223,7 +223,7 @@ def test_checkpoint_rejects_invalid_choice(workdir):
 def test_checkpoint_without_metrics_has_no_best(workdir, tmp_path):
     step = str(UNVALIDATED_STEP)
     shutil.copytree(workdir / "checkpoints" / step, tmp_path / "checkpoints" / step)
-    manager = predict.open_checkpoints(tmp_path / "checkpoints")
+    manager = checkpointing.open_read_only(tmp_path / "checkpoints")
     assert predict.resolve_checkpoint_step(manager, None) == UNVALIDATED_STEP
     with pytest.raises(CheckpointError, match="none is best. Pass --checkpoint latest"):
         predict.resolve_checkpoint_step(manager, "best")
