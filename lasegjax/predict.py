@@ -27,7 +27,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lasegjax import checkpointing, evaluation, sharding
 from lasegjax.config import base_config
 from lasegjax.data import volume_io
-from lasegjax.data.nifti_files import NIFTI_SUFFIXES, case_name, is_nifti, load_nifti
+from lasegjax.data.nifti_files import (
+    NIFTI_SUFFIXES,
+    case_name,
+    is_nifti,
+    list_nifti_files,
+    load_nifti,
+)
 from lasegjax.data.pipeline import prepare_volume, restore_volume
 from lasegjax.data.readers import LASC2018_IMAGE_NAME
 from lasegjax.data.volume import Volume
@@ -121,33 +127,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def is_input_image(path: Path) -> bool:
-    return path.name.endswith(INPUT_SUFFIXES)
-
-
 def list_inputs(path: Path) -> list[Path]:
     """Return the image file `path`, or the NIfTI and NRRD files directly inside the folder."""
-    accepted = "a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) file"
     if not path.exists():
-        raise DataError(f"input not found: {path}. Pass {accepted} or a folder of them")
-    if path.is_file():
-        if not is_input_image(path):
-            raise DataError(
-                f"input {path} is not a NIfTI or NRRD file: expected a name ending in .nii, "
-                ".nii.gz or .nrrd"
-            )
-        return [path]
-    files = sorted(
-        p
-        for p in path.iterdir()
-        if p.is_file() and is_input_image(p) and not p.name.startswith(".")
-    )
-    if not files:
         raise DataError(
-            f"no NIfTI or NRRD files (.nii, .nii.gz, .nrrd) in --input {path}. Pass a folder "
-            "that contains them directly; subfolders are not searched"
+            f"input not found: {path}. Pass a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) file or a "
+            "folder of them"
         )
-    return files
+    if path.is_dir():
+        return list_nifti_files(path, "--input", INPUT_SUFFIXES, kind="NIfTI or NRRD")
+    if not path.name.endswith(INPUT_SUFFIXES):
+        raise DataError(
+            f"input {path} is not a NIfTI or NRRD file: expected a name ending in .nii, "
+            ".nii.gz or .nrrd"
+        )
+    return [path]
 
 
 def output_name(path: Path) -> str:

@@ -169,7 +169,7 @@ def test_group_norm_matches_flax_group_norm(channels, groups):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_conv3x3_over_two_inputs_equals_conv_of_concatenation():
+def test_conv3x3_matches_conv_of_concatenation():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, 16))
     image = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 10, 1))
     joined = jnp.concatenate([x, image], axis=-1)

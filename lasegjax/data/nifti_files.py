@@ -31,21 +31,26 @@ def case_name(path: Path) -> str:
     return path.name
 
 
-def list_nifti_files(folder: Path, option: str) -> list[Path]:
-    """Return the NIfTI files directly inside `folder`, sorted by name.
+def list_nifti_files(
+    folder: Path, option: str, suffixes: tuple[str, ...] = NIFTI_SUFFIXES, kind: str = "NIfTI"
+) -> list[Path]:
+    """Return the files directly inside `folder` whose names end in `suffixes`, sorted by name.
 
-    `option` is the command-line option that named the folder, for the error messages.
+    `option` is the command-line option that named the folder, and `kind` names the file
+    format, both for the error messages.
     """
     if not folder.exists():
         raise DataError(f"{option} {folder} not found. Pass an existing folder")
     if not folder.is_dir():
-        raise DataError(f"{option} {folder} is not a folder. Pass a folder of NIfTI files")
+        raise DataError(f"{option} {folder} is not a folder. Pass a folder of {kind} files")
     files = sorted(
-        p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith(".")
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.name.endswith(suffixes) and not p.name.startswith(".")
     )
     if not files:
         raise DataError(
-            f"no NIfTI files (.nii or .nii.gz) in {option} {folder}. Pass a folder that "
+            f"no {kind} files ({', '.join(suffixes)}) in {option} {folder}. Pass a folder that "
             "contains them directly; subfolders are not searched"
         )
     return files
