@@ -224,16 +224,19 @@ class FlaxTrainer:
     def phase_functions(self) -> dict:
         """Return {part: callable on a placed batch}; each callable waits for its results.
 
-        "forward" and "forward+backward" use the train step's loss, with frozen parameters
-        passed through stop_gradient. The encoder (with block fusion) and the decoder are
-        also timed apart, each with the sum of squares of its output as the loss. The
-        decoder part reads the fused features from `batch["features"]` (see `add_features`).
+        "forward" is the train step's loss, with frozen parameters passed through
+        stop_gradient, and "forward+backward" the train step's own loss and gradient
+        function (`lasegjax.train.loss_and_gradients`). The encoder (with block fusion)
+        and the decoder are also timed apart, each with the sum of squares of its output
+        as the loss. The decoder part reads the fused features from `batch["features"]`
+        (see `add_features`).
         """
         import jax
         import jax.numpy as jnp
 
         from lasegjax.losses import segmentation_loss
         from lasegjax.optim import FROZEN
+        from lasegjax.train import loss_and_gradients
 
         train = self.config.train
 
@@ -266,7 +269,9 @@ class FlaxTrainer:
 
         programs = {
             "forward": jax.jit(loss_fn),
-            "forward+backward": jax.jit(jax.value_and_grad(loss_fn)),
+            "forward+backward": jax.jit(
+                loss_and_gradients(self.model, self.labels, self.config, self.mesh)
+            ),
             "encoder forward+backward": jax.jit(jax.value_and_grad(encoder_loss)),
             "decoder forward+backward": jax.jit(jax.value_and_grad(decoder_loss)),
         }

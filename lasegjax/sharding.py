@@ -20,6 +20,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -112,6 +113,43 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def params_replicated(mesh: Mesh) -> bool:
+    """True when the mesh only splits the batch (fsdp and model axes of size 1)."""
+    return mesh.shape[FSDP_AXIS] == 1 and mesh.shape[MODEL_AXIS] == 1
+
+
+# Gradients are summed over the batch axes in buckets of about this many bytes.
+GRADIENT_BUCKET_BYTES = 32 * 2**20
+
+
+def all_reduce_in_buckets(arrays: list, axes, bucket_bytes: int = GRADIENT_BUCKET_BYTES) -> list:
+    """Sum `arrays` over the mesh `axes` inside `shard_map`, a few large buckets at a time.
+
+    Arrays of one dtype are concatenated into flat buckets of up to `bucket_bytes` (an
+    array larger than that is a bucket of its own), and each bucket is one `psum`. One
+    all-reduce of a gradient tuple ran one rendezvous per array on XLA's CPU backend,
+    which cost about 7 ms per step for the demo model's 150 arrays.
+    """
+    buckets = []
+    open_buckets = {}
+    for index, array in enumerate(arrays):
+        size = array.size * array.dtype.itemsize
+        bucket = open_buckets.get(array.dtype)
+        if bucket is None or bucket[1] + size > bucket_bytes:
+            bucket = open_buckets[array.dtype] = [[], 0]
+            buckets.append(bucket)
+        bucket[0].append(index)
+        bucket[1] += size
+    out = list(arrays)
+    for indices, _ in buckets:
+        flat = jax.lax.psum(jnp.concatenate([arrays[i].ravel() for i in indices]), axes)
+        start = 0
+        for i in indices:
+            out[i] = flat[start : start + arrays[i].size].reshape(arrays[i].shape)
+            start += arrays[i].size
+    return out
 
 
 def batch_shards(mesh: Mesh) -> int:

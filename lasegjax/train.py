@@ -27,7 +27,7 @@ from lasegjax.distributed import is_primary
 from lasegjax.errors import ConfigError, LasegError
 from lasegjax.evaluation import evaluate_volumes, make_predict_fn
 from lasegjax.interrupts import StopRequest
-from lasegjax.losses import segmentation_loss
+from lasegjax.losses import loss_from_sums, loss_sums, segmentation_loss
 from lasegjax.model.fusion import fusion_weights
 from lasegjax.model.segmenter import build_model
 from lasegjax.optim import FROZEN, build_optimizer, learning_rate_schedule
@@ -137,26 +137,38 @@ def create_train_state(config, model, rng, mesh=None):
     return state.replace(params=params), tx, labels
 
 
-def make_train_step(model, tx, labels, config, mesh, state_shardings):
-    """Return the jitted train step; the input state's buffers are donated to the output.
+def loss_and_gradients(model, labels, config, mesh):
+    """Return (params, batch) -> ((loss, {"bce", "dice_loss"}), grads) for the train step.
 
-    The batch is split over the mesh's data and fsdp axes and the state laid out by
-    `state_shardings`; XLA inserts the gradient reductions and parameter gathers.
+    Frozen parameters (by `labels`) pass through `jax.lax.stop_gradient`. When the mesh
+    only splits the batch, `data_parallel_gradients` computes the gradients; otherwise
+    XLA's partitioner inserts the gradient reductions and parameter gathers.
     """
-    train_config = config.train
-    schedule = learning_rate_schedule(train_config)
+    weights = (config.train.bce_weight, config.train.dice_weight)
+    if sharding.params_replicated(mesh):
+        return data_parallel_gradients(model, labels, weights, mesh)
 
     def loss_fn(params, batch):
         params = jax.tree.map(
             lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p, params, labels
         )
         logits = model.apply({"params": params}, batch["image"])
-        return segmentation_loss(
-            logits, batch["mask"], train_config.bce_weight, train_config.dice_weight
-        )
+        return segmentation_loss(logits, batch["mask"], *weights)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def make_train_step(model, tx, labels, config, mesh, state_shardings):
+    """Return the jitted train step; the input state's buffers are donated to the output.
+
+    The batch is split over the mesh's data and fsdp axes and the state laid out by
+    `state_shardings`.
+    """
+    schedule = learning_rate_schedule(config.train)
+    value_and_grad = loss_and_gradients(model, labels, config, mesh)
 
     def train_step(state: TrainState, batch):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, parts), grads = value_and_grad(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -179,6 +191,55 @@ def make_train_step(model, tx, labels, config, mesh, state_shardings):
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
+    )
+
+
+def data_parallel_gradients(model, labels, loss_weights, mesh):
+    """Return (params, batch) -> ((loss, parts), grads) for replicated parameters.
+
+    Each device computes the gradient of the whole batch's loss with respect to its own
+    copy of the trainable parameters, from its part of the batch: the loss sums are added
+    over the mesh first, so the loss is that of the whole batch. The gradients are then
+    summed over the mesh in a few flat buckets (`sharding.all_reduce_in_buckets`), where
+    XLA's partitioner would emit one all-reduce of a tuple with an operand per parameter.
+    Frozen parameters get zero gradients without an all-reduce.
+    """
+    axes = sharding.BATCH_AXES
+    trainable = [label != FROZEN for label in jax.tree.leaves(labels)]
+
+    def local(params, batch):
+        leaves, treedef = jax.tree.flatten(params)
+        if len(leaves) != len(trainable):
+            raise ValueError(f"{len(leaves)} parameters but {len(trainable)} optimizer labels")
+        count = batch["mask"].size * jax.lax.axis_size(axes)
+
+        def loss_of(own):
+            own = iter(own)
+            full = [
+                next(own) if t else jax.lax.stop_gradient(p)
+                for p, t in zip(leaves, trainable, strict=True)
+            ]
+            logits = model.apply({"params": treedef.unflatten(full)}, batch["image"])
+            sums = jax.lax.psum(loss_sums(logits, batch["mask"]), axes)
+            return loss_from_sums(sums, count, *loss_weights)
+
+        # Varying copies, so that each device's gradient stays its own until the buckets.
+        own = [
+            jax.lax.pcast(p, axes, to="varying")
+            for p, t in zip(leaves, trainable, strict=True)
+            if t
+        ]
+        value, own_grads = jax.value_and_grad(loss_of, has_aux=True)(own)
+        own_grads = iter(sharding.all_reduce_in_buckets(own_grads, axes))
+        grads = [
+            next(own_grads) if t else jnp.zeros_like(p)
+            for p, t in zip(leaves, trainable, strict=True)
+        ]
+        return value, treedef.unflatten(grads)
+
+    spec = jax.sharding.PartitionSpec
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(spec(), spec(axes)), out_specs=((spec(), spec()), spec())
     )
 
 

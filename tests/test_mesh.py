@@ -166,6 +166,77 @@ def test_remat_policy_rejects_unknown():
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 56, 56, 1)))
 
 
+def test_all_reduce_in_buckets_sums_each_array():
+    """Small buckets and two dtypes, so arrays are split over several flat buckets."""
+    mesh = sharding.make_mesh()
+    axes = sharding.BATCH_AXES
+    shapes = [(3, 4), (5,), (2, 2, 2), (7,), ()]
+    dtypes = [jnp.float32, jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16]
+    rng = np.random.default_rng(0)
+    devices = mesh.devices.size
+    arrays = [
+        jnp.asarray(rng.normal(size=(devices, *shape)), dtype)
+        for shape, dtype in zip(shapes, dtypes, strict=True)
+    ]
+
+    def reduce(*local):
+        local = [a[0] for a in local]
+        return tuple(sharding.all_reduce_in_buckets(local, axes, bucket_bytes=40))
+
+    spec = PartitionSpec(axes)
+    summed = jax.shard_map(
+        reduce, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=(PartitionSpec(),) * 5
+    )(*arrays)
+    for array, result in zip(arrays, summed, strict=True):
+        assert result.dtype == array.dtype and result.shape == array.shape[1:]
+        np.testing.assert_allclose(
+            np.asarray(result, np.float32),
+            np.asarray(array, np.float32).sum(axis=0),
+            rtol=2e-2 if array.dtype == jnp.bfloat16 else 1e-6,
+        )
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_data_parallel_gradients_match_whole_batch(frozen):
+    """The shard_map gradients on 2 devices equal jax.grad of the loss of the whole batch."""
+    from lasegjax.losses import segmentation_loss
+    from lasegjax.train import create_train_state, data_parallel_gradients
+
+    config = tiny_config()
+    config.model.encoder.frozen = frozen
+    config.train.bce_weight = 0.7
+    mesh = sharding.make_mesh()
+    assert mesh.shape[sharding.DATA_AXIS] == 2
+    model = build_model(config.model)
+    state, _, labels = create_train_state(config, model, jax.random.PRNGKey(0), mesh)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(4, 56, 56, 1)).astype(np.float32),
+        "mask": (rng.random((4, 56, 56, 1)) > 0.6).astype(np.float32),
+    }
+    weights = (config.train.bce_weight, config.train.dice_weight)
+
+    def whole_batch(params):
+        params = jax.tree.map(
+            lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p, params, labels
+        )
+        logits = model.apply({"params": params}, batch["image"])
+        return segmentation_loss(logits, batch["mask"], *weights)
+
+    (loss, parts), grads = jax.jit(jax.value_and_grad(whole_batch, has_aux=True))(state.params)
+    placed = jax.device_put(batch, sharding.batch_sharding(mesh))
+    step = jax.jit(data_parallel_gradients(model, labels, weights, mesh))
+    (dp_loss, dp_parts), dp_grads = step(state.params, placed)
+    np.testing.assert_allclose(dp_loss, loss, rtol=1e-6)
+    for key in parts:
+        np.testing.assert_allclose(dp_parts[key], parts[key], rtol=1e-6)
+    for path, expected in jax.tree_util.tree_leaves_with_path(grads):
+        actual = dict(jax.tree_util.tree_leaves_with_path(dp_grads))[path]
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-7, err_msg=str(path))
+    encoder_grads = jax.tree.leaves(dp_grads["encoder"])
+    assert any(np.abs(g).max() > 0 for g in encoder_grads) is not frozen
+
+
 def test_distributed_off_and_bad_flags():
     distributed.initialize("off", "localhost:1", 2, 0)
     assert jax.process_count() == 1
