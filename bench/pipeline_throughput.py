@@ -223,9 +223,9 @@ def main(argv=None) -> dict:
     load_line = wait_for_low_load(args.max_load, args.max_wait)
     config = build_config(args)
 
-    from lasegjax.sharding import use_cpu_devices
+    from lasegjax.sharding import setup_host
 
-    use_cpu_devices(config.cpu_devices)
+    setup_host(config)
     import jax
 
     jax.config.update("jax_default_prng_impl", config.prng_impl)

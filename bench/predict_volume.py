@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
     folder = Path(scratch.name)
 
     from lasegjax import predict
-    from lasegjax.sharding import use_cpu_devices
+    from lasegjax.sharding import setup_host
 
     if args.workdir is not None:
         config = predict.load_run_config(args.workdir)
@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
             if workdir is not None
             else "random initialisation (no training)"
         )
-    use_cpu_devices(config.cpu_devices)
+    setup_host(config)
     import jax
 
     jax.config.update("jax_default_prng_impl", config.prng_impl)

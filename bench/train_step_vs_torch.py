@@ -673,7 +673,8 @@ def phase_table(steps: Timings, phases: Timings) -> str:
         row("forward", "forward (loss only)"),
         row("forward+backward", "forward+backward (loss and gradients)"),
         [
-            "optimizer and the rest (median step - forward+backward)",
+            "optimizer and the rest (median step - forward+backward; negative when the "
+            "separately compiled gradient program runs slower than the step)",
             f"{1000 * rest[0]:.1f}",
             f"{1000 * rest[1]:.1f}",
             "",
@@ -744,9 +745,9 @@ def main(argv=None) -> dict:
     load_line = wait_for_low_load(args.max_load, args.max_wait)
     config = build_config(args)
 
-    from lasegjax.sharding import use_cpu_devices
+    from lasegjax.sharding import setup_host
 
-    use_cpu_devices(config.cpu_devices)
+    setup_host(config)
     import jax
 
     jax.config.update("jax_default_prng_impl", config.prng_impl)

@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
     # CPU devices to expose when no accelerator is present (0: one per core). The batch is
     # split over all devices.
     config.cpu_devices = 0
+    # Let glibc reuse freed host buffers instead of returning them to the kernel after
+    # every step (lasegjax.hostmem). Faster CPU steps; the process keeps its peak memory.
+    config.host_memory_reuse = True
 
     # Device mesh: `data` splits the batch, `fsdp` splits the batch and the parameters and
     # optimizer state, `model` splits attention heads and MLP hidden units. One size may be

@@ -45,10 +45,10 @@ def main(argv):
     from pathlib import Path
 
     from lasegjax import distributed
-    from lasegjax.sharding import use_cpu_devices
+    from lasegjax.sharding import setup_host
     from lasegjax.train import train_and_evaluate
 
-    use_cpu_devices(_CONFIG.value.cpu_devices)
+    setup_host(_CONFIG.value)
     try:
         distributed.initialize(
             _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value

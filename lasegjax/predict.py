@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             volume_io.read_nrrd_affine(path)
     config = load_run_config(args.workdir)
     try:
-        sharding.use_cpu_devices(config.cpu_devices)
+        sharding.setup_host(config)
     except RuntimeError:
         # JAX was already initialised by the program that called main (tests, notebooks),
         # so its devices are used as they are.

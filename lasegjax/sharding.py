@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lasegjax import hostmem
 from lasegjax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -64,6 +65,17 @@ def use_cpu_devices(count: int) -> None:
     """Expose `count` CPU devices (0: one per core); call before JAX initialises its backends."""
     count = count or os.cpu_count() or 1
     jax.config.update("jax_num_cpu_devices", count)
+
+
+def setup_host(config) -> None:
+    """Apply the config's host settings; call before JAX initialises its backends.
+
+    Exposes `config.cpu_devices` CPU devices and, unless `config.host_memory_reuse` is
+    false, lets glibc reuse freed buffers (`hostmem.reuse_freed_memory`).
+    """
+    use_cpu_devices(config.cpu_devices)
+    if config.get("host_memory_reuse", True):
+        hostmem.reuse_freed_memory()
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:

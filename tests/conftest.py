@@ -5,10 +5,12 @@ from pathlib import Path
 import pytest
 
 from lasegjax.config import base_config
+from lasegjax.hostmem import reuse_freed_memory
 from lasegjax.sharding import use_cpu_devices
 
 # Two CPU devices, so every training test also runs the batch-sharded step.
 use_cpu_devices(2)
+reuse_freed_memory()
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "real"

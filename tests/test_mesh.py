@@ -237,6 +237,25 @@ def test_data_parallel_gradients_match_whole_batch(frozen):
     assert any(np.abs(g).max() > 0 for g in encoder_grads) is not frozen
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize(
+    "environment,expected",
+    [
+        ({}, True),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False),
+        ({"MALLOC_TRIM_THRESHOLD_": "0"}, False),
+    ],
+)
+def test_reuse_freed_memory_applies_unless_environment_sets_it(environment, expected):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | environment
+    code = "from lasegjax.hostmem import reuse_freed_memory; print(reuse_freed_memory())"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(expected)
+
+
 def test_distributed_off_and_bad_flags():
     distributed.initialize("off", "localhost:1", 2, 0)
     assert jax.process_count() == 1
