@@ -18,7 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
     # split over all devices.
     config.cpu_devices = 0
     # Let glibc reuse freed host buffers instead of returning them to the kernel after
-    # every step (lasegjax.hostmem). Faster CPU steps; the process keeps its peak memory.
+    # every step (lasegjax.hostmem). CPU steps run faster, but the process keeps its peak
+    # memory.
     config.host_memory_reuse = True
 
     # Device mesh: `data` splits the batch, `fsdp` splits the batch and the parameters and

@@ -18,9 +18,9 @@ def reuse_freed_memory() -> bool:
     """Make glibc reuse freed buffers of up to 1 GiB instead of unmapping them.
 
     XLA's CPU backend allocates the buffers of each step anew. By default glibc serves an
-    allocation above 32 MiB with its own mmap and unmaps it when it is freed, and returns
-    the freed top of the heap to the kernel, so every step touches fresh pages that the
-    kernel must zero. On the demo train step (2 CPU devices on 2 cores) that kernel work
+    allocation above 32 MiB with its own mmap, unmaps it when it is freed, and returns the
+    freed top of the heap to the kernel. So every step touches fresh pages that the kernel
+    must zero. On the demo train step (2 CPU devices on 2 cores) that kernel work
     kept 0.3 cores busy, and the step took 109 ms instead of 94 ms. The price is that the
     process keeps the memory it freed: its peak resident size stays reserved.
 

@@ -197,8 +197,8 @@ def make_train_step(model, tx, labels, config, mesh, state_shardings):
 def data_parallel_gradients(model, labels, loss_weights, mesh):
     """Return (params, batch) -> ((loss, parts), grads) for replicated parameters.
 
-    Each device computes the gradient of the whole batch's loss with respect to its own
-    copy of the trainable parameters, from its part of the batch: the loss sums are added
+    Each device computes, from its part of the batch, the gradient of the whole batch's
+    loss with respect to its own copy of the trainable parameters. The loss sums are added
     over the mesh first, so the loss is that of the whole batch. The gradients are then
     summed over the mesh in a few flat buckets (`sharding.all_reduce_in_buckets`), where
     XLA's partitioner would emit one all-reduce of a tuple with an operand per parameter.
@@ -210,7 +210,10 @@ def data_parallel_gradients(model, labels, loss_weights, mesh):
     def local(params, batch):
         leaves, treedef = jax.tree.flatten(params)
         if len(leaves) != len(trainable):
-            raise ValueError(f"{len(leaves)} parameters but {len(trainable)} optimizer labels")
+            raise ValueError(
+                f"the parameters have {len(leaves)} leaves but the optimizer labels have "
+                f"{len(trainable)}; build the labels from these parameters"
+            )
         count = batch["mask"].size * jax.lax.axis_size(axes)
 
         def loss_of(own):

@@ -188,7 +188,8 @@ def test_all_reduce_in_buckets_sums_each_array():
         reduce, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=(PartitionSpec(),) * 5
     )(*arrays)
     for array, result in zip(arrays, summed, strict=True):
-        assert result.dtype == array.dtype and result.shape == array.shape[1:]
+        assert result.dtype == array.dtype
+        assert result.shape == array.shape[1:]
         np.testing.assert_allclose(
             np.asarray(result, np.float32),
             np.asarray(array, np.float32).sum(axis=0),

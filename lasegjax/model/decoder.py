@@ -24,8 +24,8 @@ def stage_sizes(grid: tuple[int, int], image: tuple[int, int], num_stages: int):
 def resize_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinearly resize (B, H, W, C) to `size`, with antialiasing when shrinking.
 
-    Upsampling by a ratio p/q with small p (2 and 7/4 in the decoder's stages) runs as
-    strided slices and weighted sums (`upsample_linear`); other sizes use
+    Upsampling by a ratio p/q with a small p (2 and 7/4 in the decoder's stages) runs as
+    strided slices and weighted sums (`upsample_linear`). Other sizes use
     `jax.image.resize`. Both give the same values, up to float rounding.
     """
     size = tuple(size)
@@ -97,6 +97,7 @@ def _upsample_linear_adjoint(grad: jax.Array, axis: int, in_length: int) -> jax.
     periods, q, taps = _phases(in_length, grad.shape[axis])
     shape = list(grad.shape)
     grad = grad.reshape(shape[:axis] + [periods, len(taps)] + shape[axis + 1 :])
+
     # Column c of the padded input's gradient, viewed as (periods + 2, q), collects the
     # taps whose offset into `padded` is c plus a multiple of q (the shift in periods).
     columns = [[] for _ in range(q)]
@@ -105,7 +106,9 @@ def _upsample_linear_adjoint(grad: jax.Array, axis: int, in_length: int) -> jax.
         for offset, tap_weight in ((a + 1, 1.0 - weight), (a + 2, weight)):
             if tap_weight:
                 columns[offset % q].append((offset // q, tap_weight, phase))
+
     pads = [(0, 0, 0)] * grad.ndim
+    column_shape = shape[:axis] + [periods + 2] + shape[axis + 1 :]
     summed = []
     for terms in columns:
         total = None
@@ -114,10 +117,13 @@ def _upsample_linear_adjoint(grad: jax.Array, axis: int, in_length: int) -> jax.
             config[axis] = (shift, 2 - shift, 0)
             term = jax.lax.pad(phase * tap_weight, jnp.zeros((), phase.dtype), config)
             total = term if total is None else total + term
-        summed.append(total if total is not None else jnp.zeros_like(term))
+        summed.append(total if total is not None else jnp.zeros(column_shape, grad.dtype))
+
     padded = jnp.stack(summed, axis=axis + 1)
     shape[axis] = q * (periods + 2)
     padded = padded.reshape(shape)
+
+    # Fold the two padding elements back onto the edge elements they repeated.
     if in_length == 1:
         return jax.lax.slice_in_dim(padded, 0, 3, axis=axis).sum(axis=axis, keepdims=True)
     first = jax.lax.slice_in_dim(padded, 0, 2, axis=axis).sum(axis=axis, keepdims=True)
