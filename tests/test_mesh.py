@@ -14,6 +14,7 @@ up to the learning rate per step.
 import json
 import math
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -238,7 +239,7 @@ def test_data_parallel_gradients_match_whole_batch(frozen):
     assert any(np.abs(g).max() > 0 for g in encoder_grads) is not frozen
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's mallopt")
 @pytest.mark.parametrize(
     "environment,expected",
     [
