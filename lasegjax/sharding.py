@@ -68,7 +68,7 @@ def use_cpu_devices(count: int) -> None:
 
 
 def setup_host(config) -> None:
-    """Apply the config's host settings; call before JAX initialises its backends.
+    """Apply the config's host settings. Call it before JAX initialises its backends.
 
     Exposes `config.cpu_devices` CPU devices and, unless `config.host_memory_reuse` is
     false, lets glibc reuse freed buffers (`hostmem.reuse_freed_memory`).

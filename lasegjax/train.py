@@ -141,7 +141,7 @@ def loss_and_gradients(model, labels, config, mesh):
     """Return (params, batch) -> ((loss, {"bce", "dice_loss"}), grads) for the train step.
 
     Frozen parameters (by `labels`) pass through `jax.lax.stop_gradient`. When the mesh
-    only splits the batch, `data_parallel_gradients` computes the gradients; otherwise
+    only splits the batch, `data_parallel_gradients` computes the gradients. Otherwise
     XLA's partitioner inserts the gradient reductions and parameter gathers.
     """
     weights = (config.train.bce_weight, config.train.dice_weight)
@@ -205,8 +205,8 @@ def data_parallel_gradients(model, labels, loss_weights, mesh):
     Frozen parameters get zero gradients without an all-reduce.
 
     NOTE: the bucket copies may add up to one more copy of the trainable gradients at
-    peak; this was not measured for a trained L/14 or g/14 encoder, where an fsdp mesh
-    (which takes the partitioner's path) is the better choice anyway.
+    peak. This was not measured for a trained L/14 or g/14 encoder, which should use an
+    fsdp mesh (and so the partitioner's path) for its optimizer state anyway.
     """
     axes = sharding.BATCH_AXES
     trainable = [label != FROZEN for label in jax.tree.leaves(labels)]

@@ -248,7 +248,7 @@ def test_data_parallel_gradients_match_whole_batch(frozen):
         ({"MALLOC_TRIM_THRESHOLD_": "0"}, False),
     ],
 )
-def test_reuse_freed_memory_applies_unless_environment_sets_it(environment, expected):
+def test_reuse_freed_memory_respects_environment(environment, expected):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | environment
     code = "from lasegjax.hostmem import reuse_freed_memory; print(reuse_freed_memory())"
     result = subprocess.run(
